@@ -1,0 +1,1 @@
+"""Inference engines behind one interface: the native torch engine and the llama.cpp engine."""

@@ -1,0 +1,78 @@
+"""What every engine offers (chat, run and bench use only this)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from localv3.config import ModelConfig
+from localv3.generate import DecodeSession, GenerationChunk, StepStrategy, plain_steps, stream_generate
+from localv3.sampling import SamplingSettings
+from localv3.tokenizer import Tokenizer
+
+
+class Engine:
+    """Subclasses set name, path, config, tokenizer, max_context and implement new_session."""
+
+    name: str = "engine"
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    max_context: int
+
+    def new_session(self, capacity: int) -> DecodeSession:
+        raise NotImplementedError
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        raise NotImplementedError
+
+    def step_strategy(self, speculative: bool | None) -> StepStrategy:
+        """How decoding advances; engines with MTP speculation override this."""
+        return plain_steps
+
+    def stop_token_ids(self) -> list[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def stream_generate(
+        self,
+        token_ids: list[int],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_strings: list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        speculative: bool | None = None,
+        context: int | None = None,
+    ) -> Iterator[GenerationChunk]:
+        capacity = min(context or self.max_context, self.max_context)
+        session = self.new_session(min(capacity, len(token_ids) + max_new_tokens + 1))
+        sampling = SamplingSettings(temperature, top_k, top_p, seed)
+        stops = self.stop_token_ids() if stop_token_ids is None else stop_token_ids
+        yield from stream_generate(
+            session,
+            self.tokenizer,
+            token_ids,
+            max_new_tokens,
+            sampling,
+            stops,
+            stop_strings,
+            self.step_strategy(speculative),
+        )
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, **kwargs) -> list[int]:
+        """The new token ids (greedy at temperature 0)."""
+        out: list[int] = []
+        for chunk in self.stream_generate(token_ids, max_new_tokens, temperature, **kwargs):
+            out.extend(chunk.token_ids)
+        return out
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""The native engine: localv3.model on torch, with the latent KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from localv3.config import ModelConfig
+from localv3.engines.base import Engine
+from localv3.model.transformer import Transformer
+from localv3.tokenizer import Tokenizer
+
+
+class NativeSession:
+    """One sequence: a preallocated latent cache and the position reached."""
+
+    def __init__(self, model: Transformer, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.cache = model.new_cache(capacity)
+        self.position = 0
+        self.last_hidden: torch.Tensor | None = None  # [1, S, D] hidden states of the last forward
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int]) -> torch.Tensor:
+        """Run tokens at the current position -> logits [S, V] fp32; advances the position."""
+        device = self.model.model.embed_tokens.weight.device
+        tokens = torch.tensor([token_ids], dtype=torch.long, device=device)
+        logits, self.last_hidden = self.model(tokens, self.position, self.cache)
+        self.position += len(token_ids)
+        return logits[0]
+
+    def prefill(self, token_ids: list[int]) -> torch.Tensor:
+        return self.forward(token_ids)[-1]
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        return self.forward([token_id])[-1]
+
+    def rollback(self, n_tokens: int) -> None:
+        """Forget the last n tokens (rejected drafts); their cache rows are overwritten later."""
+        self.position -= n_tokens
+
+
+class NativeEngine(Engine):
+    name = "native"
+
+    def __init__(
+        self, path: Path, config: ModelConfig, model: Transformer, tokenizer: Tokenizer | None, max_context: int
+    ):
+        self.path = Path(path)
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Latent cache bytes per token over the main layers, in the engine's cache dtype."""
+        return self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
+
+    def new_session(self, capacity: int) -> NativeSession:
+        return NativeSession(self.model, capacity)
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[len(token_ids), vocab_size] fp32 from one prefill."""
+        return self.new_session(len(token_ids)).forward(list(token_ids)).float().cpu()

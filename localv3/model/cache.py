@@ -1,0 +1,53 @@
+"""The compressed latent KV cache of MLA, preallocated per sequence.
+
+Per token and layer it holds the kv_lora_rank latent (after kv_a_layernorm) and the roped
+shared key (qk_rope_head_dim): (512 + 64) values for DeepSeek-V3. Rolling back rejected
+speculative tokens is setting `length` back: later writes overwrite the stale rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from localv3.config import ModelConfig
+
+
+class LatentCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_tokens: int,
+        num_layers: int,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        layer_devices: list[torch.device] | None = None,
+    ):
+        self.max_tokens = max_tokens
+        self.length = 0
+        devices = layer_devices or [torch.device(device)] * num_layers
+        self.latent = [  # per layer: [B, T, kv_lora_rank]
+            torch.zeros(batch_size, max_tokens, config.kv_lora_rank, dtype=dtype, device=d) for d in devices
+        ]
+        self.rope_key = [  # per layer: [B, T, qk_rope_head_dim]
+            torch.zeros(batch_size, max_tokens, config.qk_rope_head_dim, dtype=dtype, device=d) for d in devices
+        ]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(t.shape[-1] * t.element_size() for t in self.latent + self.rope_key)
+
+    def write(self, layer: int, start: int, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [B, S, *] rows at positions start..start+S-1; return the views [B, start+S, *]."""
+        end = start + latent.shape[1]
+        if end > self.max_tokens:
+            raise ContextFullError(self.max_tokens)
+        self.latent[layer][:, start:end] = latent
+        self.rope_key[layer][:, start:end] = rope_key
+        return self.latent[layer][:, :end], self.rope_key[layer][:, :end]
+
+
+class ContextFullError(Exception):
+    def __init__(self, max_tokens: int):
+        super().__init__(f"the context is full ({max_tokens} tokens)")
+        self.max_tokens = max_tokens

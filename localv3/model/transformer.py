@@ -1,0 +1,127 @@
+"""The DeepSeek-V3 decoder: embeddings, decoder blocks, final norm, lm_head, and the MTP module.
+
+Module names mirror the Hugging Face checkpoint names (`model.layers.{i}.self_attn.q_a_proj`, ...)
+so that the loader maps tensors one to one; only the routed experts are stacked per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from localv3.config import ModelConfig
+from localv3.model.attention import MLA
+from localv3.model.cache import LatentCache
+from localv3.model.moe import MoE, FeedForward
+from localv3.model.norm import RMSNorm
+from localv3.model.rope import RotaryEmbedding
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_index)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_index) else FeedForward(
+            config.hidden_size, config.intermediate_size
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, start, rope, cache: LatentCache, cache_layer: int) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), start, rope, cache, cache_layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MTPHead(nn.Module):
+    """Multi-Token Prediction module: predicts token t+2 from h_t and the embedding of t+1.
+
+    h' = eh_proj(cat[enorm(embed(t+1)), hnorm(h_t)]) -> decoder block -> shared_head.norm -> head.
+    h_t is the main model's hidden state after its final norm (as DeepSeek-V3 wires it).
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = DecoderBlock(config, layer_index)
+        self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, next_embeds, start, rope, cache, cache_layer) -> torch.Tensor:
+        """hidden, next_embeds: [B, S, D] -> the MTP hidden state [B, S, D] after shared_head.norm."""
+        h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
+        h = self.block(h, start, rope, cache, cache_layer)
+        return self.shared_head_norm(h)
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        n_mtp = config.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPHead(config, config.num_hidden_layers + j) for j in range(n_mtp))
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.config.num_hidden_layers + len(self.mtp)
+
+    def new_cache(self, max_tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> LatentCache:
+        """A cache for the main layers and the MTP layers, each layer's rows on its layer's device."""
+        devices = [block.input_layernorm.weight.device for block in self.model.layers]
+        devices += [head.block.input_layernorm.weight.device for head in self.mtp]
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        return LatentCache(
+            self.config, max_tokens, self.num_cache_layers, batch_size, dtype, layer_devices=devices
+        )
+
+    def rope(self, start: int, length: int, device: torch.device, dtype: torch.dtype):
+        positions = torch.arange(start, start + length, device=device)
+        return self.rotary(positions, dtype)
+
+    def hidden_states(self, tokens: torch.Tensor, start: int, cache: LatentCache) -> torch.Tensor:
+        """tokens [B, S] at positions start.. -> final-normed hidden states [B, S, D]."""
+        embed = self.model.embed_tokens
+        h = embed(tokens.to(embed.weight.device))
+        rope = self.rope(start, tokens.shape[1], h.device, h.dtype)
+        for i, block in enumerate(self.model.layers):
+            device = block.input_layernorm.weight.device
+            if h.device != device:
+                h = h.to(device, non_blocking=True)
+                rope = tuple(t.to(device) for t in rope)
+            h = block(h, start, rope, cache, i)
+        h = h.to(self.model.norm.weight.device)
+        return self.model.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden.to(self.lm_head.weight.device)).float()
+
+    def forward(self, tokens: torch.Tensor, start: int, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [B, S, V] fp32, hidden [B, S, D])."""
+        hidden = self.hidden_states(tokens, start, cache)
+        return self.logits(hidden), hidden
+
+    def mtp_forward(
+        self, hidden: torch.Tensor, next_tokens: torch.Tensor, start: int, cache: LatentCache, depth: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` on hidden [B, S, D] (positions start..) and the tokens one ahead [B, S].
+
+        -> (logits [B, S, V] for the token two ahead, MTP hidden [B, S, D]).
+        """
+        head = self.mtp[depth]
+        device = head.eh_proj.weight.device
+        embeds = self.model.embed_tokens(next_tokens.to(self.model.embed_tokens.weight.device)).to(device)
+        hidden = hidden.to(device)
+        rope = self.rope(start, next_tokens.shape[1], device, hidden.dtype)
+        h = head(hidden, embeds, start, rope, cache, self.config.num_hidden_layers + depth)
+        return self.logits(h), h
