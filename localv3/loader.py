@@ -1,8 +1,9 @@
 """Build the model from a checkpoint: checkpoint tensor names -> module parameters.
 
-The model is created on the meta device, then each parameter is read from the checkpoint
-(shape-checked, dequantised if FP8) straight onto the device `place(name)` chooses, so the
-whole model never passes through RAM twice. Routed experts are stacked per layer.
+`expected_tensors` lists every checkpoint tensor the model needs with its shape, so a
+checkpoint is validated (missing tensors, wrong shapes) before any weight is read. The model
+is created on the meta device, then each parameter is read (dequantised if FP8) straight onto
+the device `place(name)` chooses. Routed experts are stacked per layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from localv3.model.moe import DenseExpertBank
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 
 def checkpoint_name(config: ModelConfig, param_name: str) -> str:
     """Our parameter name -> the Hugging Face checkpoint tensor name."""
@@ -33,7 +36,55 @@ def checkpoint_name(config: ModelConfig, param_name: str) -> str:
 
 def expert_tensor_names(prefix: str, expert: int) -> dict[str, str]:
     """HF names of one routed expert's three projections; prefix is `model.layers.{i}.mlp.experts`."""
-    return {proj: f"{prefix}.{expert}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
+    return {proj: f"{prefix}.{expert}.{proj}.weight" for proj in EXPERT_PROJECTIONS}
+
+
+def has_mtp_weights(config: ModelConfig, reader: CheckpointReader) -> bool:
+    return config.num_nextn_predict_layers > 0 and all(
+        f"model.layers.{config.num_hidden_layers + j}.eh_proj.weight" in reader
+        for j in range(config.num_nextn_predict_layers)
+    )
+
+
+def skeleton(config: ModelConfig, with_mtp: bool) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config, with_mtp=with_mtp)
+
+
+def expected_tensors(config: ModelConfig, model: Transformer) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """checkpoint tensor name -> (our parameter name, shape), experts listed one by one."""
+    expected = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if name == "rotary.inv_freq":
+            continue
+        if isinstance(model.get_submodule(owner), DenseExpertBank):
+            if leaf == "gate_up":
+                n_experts, two_hidden, dim = tensor.shape
+                hidden = two_hidden // 2
+                prefix = checkpoint_name(config, owner)
+                shapes = {"gate_proj": (hidden, dim), "up_proj": (hidden, dim), "down_proj": (dim, hidden)}
+                for e in range(n_experts):
+                    for proj, tensor_name in expert_tensor_names(prefix, e).items():
+                        expected[tensor_name] = (f"{owner}[{e}].{proj}", shapes[proj])
+            continue
+        tensor_name = checkpoint_name(config, name)
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            tensor_name = "model.embed_tokens.weight"
+        expected[tensor_name] = (name, tuple(tensor.shape))
+    return expected
+
+
+def validate_checkpoint(reader: CheckpointReader, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """One clear error for the first missing tensor or wrong shape, naming file and tensor."""
+    for tensor_name, (_, shape) in expected.items():
+        if tensor_name not in reader:
+            raise CheckpointError(f"{reader.dir}: tensor {tensor_name} is missing from the checkpoint")
+        info = reader.info(tensor_name)
+        if info.shape != shape:
+            raise CheckpointError(
+                f"{info.file}: tensor {tensor_name} has shape {list(info.shape)}, expected {list(shape)}"
+            )
 
 
 def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -52,10 +103,9 @@ def load_expert_bank(
     gate_ups, downs = [], []
     for expert in range(n_experts):
         names = expert_tensor_names(prefix, expert)
-        gate = reader.get(names["gate_proj"], dtype)
-        up = reader.get(names["up_proj"], dtype, expected_shape=tuple(gate.shape))
-        gate_ups.append(torch.cat([gate, up]).to(device))
-        downs.append(reader.get(names["down_proj"], dtype, expected_shape=(gate.shape[1], gate.shape[0])).to(device))
+        gate_up = torch.cat([reader.get(names["gate_proj"], dtype), reader.get(names["up_proj"], dtype)])
+        gate_ups.append(gate_up.to(device))
+        downs.append(reader.get(names["down_proj"], dtype).to(device))
     return torch.stack(gate_ups), torch.stack(downs)
 
 
@@ -68,34 +118,19 @@ def load_transformer(
     reader: CheckpointReader | None = None,
 ) -> Transformer:
     reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
-    with_mtp = with_mtp and all(
-        f"model.layers.{config.num_hidden_layers + j}.eh_proj.weight" in reader
-        for j in range(config.num_nextn_predict_layers)
-    )
-    with torch.device("meta"):
-        model = Transformer(config, with_mtp=with_mtp)
-    banks = {name: m for name, m in model.named_modules() if isinstance(m, DenseExpertBank)}
-    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
-        bank_name = name.rpartition(".")[0]
-        if bank_name in banks:
+    model = skeleton(config, with_mtp and has_mtp_weights(config, reader))
+    expected = expected_tensors(config, model)
+    validate_checkpoint(reader, expected)
+    for tensor_name, (name, _) in expected.items():
+        if "[" in name:  # a routed expert: loaded per bank below
             continue
-        if name == "rotary.inv_freq":
-            continue
-        tensor_name = checkpoint_name(config, name)
-        if tensor_name not in reader and name == "lm_head.weight" and config.tie_word_embeddings:
-            tensor_name = "model.embed_tokens.weight"
         wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
-        tensor = reader.get(tensor_name, wanted, expected_shape=tuple(param.shape))
-        set_tensor(model, name, tensor.to(place(name)))
-    for name, bank in banks.items():
-        device = place(name)
-        gate_up, down = load_expert_bank(reader, checkpoint_name(config, name), bank.gate_up.shape[0], dtype, device)
-        if gate_up.shape != bank.gate_up.shape or down.shape != bank.down.shape:
-            raise CheckpointError(
-                f"{reader.dir}: experts of {checkpoint_name(config, name)} have shape "
-                f"{list(gate_up.shape)}/{list(down.shape)}, expected {list(bank.gate_up.shape)}/{list(bank.down.shape)}"
-            )
-        set_tensor(model, f"{name}.gate_up", gate_up)
-        set_tensor(model, f"{name}.down", down)
+        set_tensor(model, name, reader.get(tensor_name, wanted).to(place(name)))
+    for name, bank in model.named_modules():
+        if isinstance(bank, DenseExpertBank):
+            n_experts = bank.gate_up.shape[0]
+            gate_up, down = load_expert_bank(reader, checkpoint_name(config, name), n_experts, dtype, place(name))
+            set_tensor(model, f"{name}.gate_up", gate_up)
+            set_tensor(model, f"{name}.down", down)
     model.rotary = RotaryEmbedding(config).to(place("rotary"))
     return model.eval()

@@ -1,0 +1,102 @@
+"""Broken checkpoints and configs: one clear line naming the file and tensor, non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import localv3
+from cli import app
+from localv3.errors import CheckpointError, ConfigError
+from localv3.synthetic import write_checkpoint
+from tests.model_configs import V3_MTP
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    return write_checkpoint(tmp_path / "m", V3_MTP, dtype=torch.float32, shards=3)
+
+
+def assert_cli_error(model_dir, *fragments):
+    result = runner.invoke(app, ["show", str(model_dir)])
+    assert result.exit_code != 0
+    message = result.exception.args[0] if result.exception else result.output
+    for fragment in fragments:
+        assert fragment in str(message)
+
+
+def test_missing_shard_names_the_file(sharded):
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003.safetensors: missing shard \(holds tensor "):
+        localv3.load(sharded)
+    assert_cli_error(sharded, "missing shard")
+
+
+def test_truncated_shard_names_file_and_tensor(sharded):
+    shard = sharded / "model-00003-of-00003.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors: truncated safetensors file: tensor "):
+        localv3.load(sharded)
+
+
+def test_truncated_header(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    (model / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(CheckpointError, match="no header"):
+        localv3.load(model)
+
+
+def test_wrong_shape_names_tensor_and_shapes(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(7, 7)
+    save_file(tensors, str(model / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.self_attn.kv_b_proj.weight has shape \[7, 7\], expected \[128, 32\]"):
+        localv3.load(model)
+    assert_cli_error(model, "kv_b_proj.weight", "expected [128, 32]")
+
+
+def test_missing_expert_tensor(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    tensors = load_file(str(model / "model.safetensors"))
+    del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, str(model / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.experts.5.up_proj.weight is missing"):
+        localv3.load(model)
+
+
+def test_config_missing_required_fields(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    config = json.loads((model / "config.json").read_text())
+    del config["kv_lora_rank"], config["hidden_size"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: missing required field\(s\): hidden_size, kv_lora_rank"):
+        localv3.load(model)
+    assert_cli_error(model, "missing required field")
+
+
+def test_unknown_architecture(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="unknown architecture model_type='llama'"):
+        localv3.load(model)
+
+
+def test_cli_prints_one_line_and_no_traceback(sharded):
+    (sharded / "model-00001-of-00003.safetensors").unlink()
+    result = subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", "show", str(sharded)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "missing shard" in result.stderr

@@ -1,0 +1,177 @@
+"""Engine components against naive formulas and hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import localv3
+from localv3.config import ModelConfig
+from localv3.model.cache import LatentCache
+from localv3.model.moe import MoE
+from localv3.synthetic import write_checkpoint
+from tests.fp8_twin import write_dequantized_twin
+from tests.model_configs import DEEPSEEK_V3_FULL, V3_FP8, V3_MTP
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("v3"), V3_MTP, seed=3, dtype=torch.float32)
+
+
+def test_kv_cache_bytes_per_token_for_deepseek_v3():
+    config = ModelConfig.from_dict(DEEPSEEK_V3_FULL)
+    assert config.kv_bytes_per_token(2) == (512 + 64) * 61 * 2 == 70_272
+    cache = LatentCache(config, max_tokens=1, num_layers=61, dtype=torch.bfloat16, device="meta")
+    assert cache.bytes_per_token == 70_272
+
+
+def test_softmax_scale_for_deepseek_v3_yarn():
+    config = ModelConfig.from_dict(DEEPSEEK_V3_FULL)
+    mscale = 0.1 * 1.0 * math.log(40) + 1.0
+    assert config.softmax_scale == pytest.approx(192**-0.5 * mscale**2)
+    assert config.softmax_scale == pytest.approx(0.13524, abs=1e-5)
+
+
+def test_engine_reports_kv_bytes_in_its_dtype(v3_dir):
+    engine = localv3.load(v3_dir, device="cpu", dtype=torch.float32)
+    c = engine.config
+    assert engine.kv_bytes_per_token == (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 4
+    assert engine.path == v3_dir
+
+
+def test_absorbed_mla_equals_naive_mla(v3_dir):
+    engine = localv3.load(v3_dir, device="cpu", dtype=torch.float32)
+    ids = list(range(3, 23))
+
+    def run(absorb: bool) -> torch.Tensor:
+        for block in engine.model.model.layers:
+            block.self_attn.absorb = absorb
+        session = engine.new_session(len(ids) + 4)
+        rows = [session.forward(ids)]
+        for token in (5, 9, 11):  # decode steps read the cache through each path
+            rows.append(session.forward([token]))
+        return torch.cat(rows)
+
+    naive, absorbed = run(False), run(True)
+    assert (naive - absorbed).abs().max().item() < 1e-4
+
+
+def test_fp8_checkpoint_equals_its_dequantised_bf16_twin(tmp_path):
+    fp8_dir = write_checkpoint(tmp_path / "fp8", V3_FP8, seed=5, fp8=True, shards=3)
+    twin_dir = write_dequantized_twin(fp8_dir, tmp_path / "twin", torch.bfloat16)
+    ids = list(range(2, 18))
+    fp8_logits = localv3.load(fp8_dir, device="cpu", dtype=torch.bfloat16).logits(ids)
+    twin_logits = localv3.load(twin_dir, device="cpu", dtype=torch.bfloat16).logits(ids)
+    assert (fp8_logits - twin_logits).abs().max().item() < 1e-3
+
+
+def test_fp8_scales_cover_partial_edge_blocks(tmp_path):
+    from localv3.checkpoint import CheckpointReader
+
+    fp8_dir = write_checkpoint(tmp_path, V3_FP8, fp8=True)
+    reader = CheckpointReader(fp8_dir)
+    name = "model.layers.0.mlp.gate_proj.weight"  # [200, 160]: 2 x 2 blocks, both edges partial
+    assert reader.info(name).shape == (200, 160)
+    assert reader.info(name + "_scale_inv").shape == (2, 2)
+    assert reader.is_fp8(name)
+
+
+def hand_set_moe() -> MoE:
+    """D=2, four experts in two groups, top-2 of the best group, scale 2."""
+    config = ModelConfig.from_dict(
+        {
+            "vocab_size": 8,
+            "hidden_size": 2,
+            "intermediate_size": 4,
+            "moe_intermediate_size": 1,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "kv_lora_rank": 2,
+            "qk_rope_head_dim": 2,
+            "qk_nope_head_dim": 2,
+            "v_head_dim": 2,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.0,
+        }
+    )
+    moe = MoE(config)
+    with torch.no_grad():
+        # sigmoid scores for x = [1, 0]: e0 0.5, e1 0.75, e2 0.25, e3 0.9
+        moe.gate.weight.copy_(torch.tensor([[0.0, 0], [math.log(3), 0], [-math.log(3), 0], [math.log(9), 0]]))
+        # the bias lifts e2 for selection only: choice scores 0.5, 0.75, 1.25, 0.9
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+        for e in range(4):  # expert e: (e + 1) * silu(x0) on output dim 0
+            moe.experts.gate_up[e] = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+            moe.experts.down[e] = torch.tensor([[e + 1.0], [0.0]])
+        shared = moe.shared_experts
+        shared.gate_proj.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        shared.up_proj.weight.copy_(torch.tensor([[2.0, 0.0]]))
+        shared.down_proj.weight.copy_(torch.tensor([[0.0], [1.0]]))
+    return moe
+
+
+def test_moe_on_hand_set_weights_gives_hand_computed_output():
+    moe = hand_set_moe()
+    x = torch.tensor([[[1.0, 0.0]]])
+    indices, weights = moe.gate(x.view(-1, 2))
+    # group scores (top-2 sums): g0 = 0.5 + 0.75 = 1.25, g1 = 1.25 + 0.9 = 2.15 -> g1; experts e2, e3
+    assert sorted(indices[0].tolist()) == [2, 3]
+    by_expert = dict(zip(indices[0].tolist(), weights[0].tolist()))
+    # weights use the unbiased scores 0.25 and 0.9, normalised, times 2
+    assert by_expert[2] == pytest.approx(2 * 0.25 / 1.15)
+    assert by_expert[3] == pytest.approx(2 * 0.9 / 1.15)
+    silu1 = 1 / (1 + math.exp(-1))  # silu(1) = 1 * sigmoid(1)
+    expected_routed = (2 * 0.25 / 1.15 * 3 + 2 * 0.9 / 1.15 * 4) * silu1
+    expected_shared = 2 * silu1
+    out = moe(x)[0, 0]
+    assert out.tolist() == pytest.approx([expected_routed, expected_shared], rel=1e-6)
+
+
+def test_mtp_head_follows_the_formula(v3_dir):
+    """h' = eh_proj(cat[enorm(embed(t+1)), hnorm(h_t)]) -> block -> shared_head.norm -> lm_head."""
+    engine = localv3.load(v3_dir, device="cpu", dtype=torch.float32)
+    model = engine.model
+    ids = [4, 8, 15, 16, 23, 42]
+    session = engine.new_session(16)
+    session.forward(ids[:-1])
+    hidden = session.last_hidden  # [1, 5, D] after the final norm
+    next_tokens = torch.tensor([ids[1:]])
+    got, _ = model.mtp_forward(hidden, next_tokens, 0, session.cache)
+
+    head = model.mtp[0]
+    eps = engine.config.rms_norm_eps
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    embeds = model.model.embed_tokens.weight[next_tokens]
+    h = F.linear(torch.cat([rms(embeds, head.enorm.weight), rms(hidden, head.hnorm.weight)], -1), head.eh_proj.weight)
+    fresh = model.new_cache(16)
+    rope = model.rope(0, len(ids) - 1, h.device, h.dtype)
+    h = head.block(h, 0, rope, fresh, engine.config.num_hidden_layers)
+    expected = F.linear(rms(h, head.shared_head_norm.weight), model.lm_head.weight)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert got.shape == (1, 5, engine.config.vocab_size)
+
+
+def test_generate_is_greedy_and_deterministic(v3_dir):
+    engine = localv3.load(v3_dir, device="cpu", dtype=torch.float32)
+    prompt = [3, 4, 5, 6]
+    tokens = engine.generate(prompt, 12, stop_token_ids=[])
+    assert len(tokens) == 12
+    session = engine.new_session(32)
+    logits = session.prefill(prompt)
+    expected = []
+    for _ in range(12):
+        expected.append(int(logits.argmax()))
+        logits = session.decode(expected[-1])
+    assert tokens == expected
+    sampled_a = engine.generate(prompt, 12, temperature=0.8, seed=11, stop_token_ids=[])
+    sampled_b = engine.generate(prompt, 12, temperature=0.8, seed=11, stop_token_ids=[])
+    assert sampled_a == sampled_b
