@@ -13,7 +13,7 @@ import localv3
 from cli import app
 from localv3.errors import CheckpointError, ConfigError
 from localv3.synthetic import write_checkpoint
-from tests.model_configs import V3_MTP
+from model_configs import V3_MTP
 
 runner = CliRunner()
 

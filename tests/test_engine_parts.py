@@ -11,8 +11,8 @@ from localv3.config import ModelConfig
 from localv3.model.cache import LatentCache
 from localv3.model.moe import MoE
 from localv3.synthetic import write_checkpoint
-from tests.fp8_twin import write_dequantized_twin
-from tests.model_configs import DEEPSEEK_V3_FULL, V3_FP8, V3_MTP
+from fp8_twin import write_dequantized_twin
+from model_configs import DEEPSEEK_V3_FULL, V3_FP8, V3_MTP
 
 
 @pytest.fixture(scope="module")

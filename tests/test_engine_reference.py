@@ -6,8 +6,8 @@ import transformers
 
 import localv3
 from localv3.synthetic import write_checkpoint
-from tests.fp8_twin import write_dequantized_twin
-from tests.model_configs import KIMI_K2_STYLE, V2_GROUP_LIMITED, V2_LITE, V3_FP8, V3_MTP
+from fp8_twin import write_dequantized_twin
+from model_configs import KIMI_K2_STYLE, V2_GROUP_LIMITED, V2_LITE, V3_FP8, V3_MTP
 
 CONFIGS = {
     "v3_mtp": (V3_MTP, False),

@@ -1,0 +1,95 @@
+"""Tokenizer, chat template, streaming detokenisation, sampling and stop conditions."""
+
+import pytest
+import torch
+
+import localv3
+from localv3.generate import stream_generate
+from localv3.sampling import SamplingSettings, token_probabilities
+from localv3.tokenizer import StreamDecoder, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model_dir):
+    return localv3.load(chat_model_dir, device="cpu", dtype=torch.float32)
+
+
+def test_chat_template_uses_deepseek_special_tokens(chat_model_dir):
+    tok = Tokenizer(chat_model_dir)
+    text = tok.render_chat([{"role": "user", "content": "Hi"}])
+    assert text == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>"
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.token_to_id("<｜Assistant｜>") == ids[-1]
+
+
+def test_stream_decoder_never_splits_a_multibyte_character(chat_model_dir):
+    tok = Tokenizer(chat_model_dir)
+    text = "naïve 東京 🙂 done"
+    ids = tok.encode(text, add_bos=False)
+    assert len(ids) > len(text.encode()) // 2  # byte-level pieces: multi-byte characters span tokens
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = token_probabilities(logits, SamplingSettings(temperature=1.0, top_k=2))
+    assert probs.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+    probs = token_probabilities(logits, SamplingSettings(temperature=1.0, top_p=0.9))
+    assert probs.tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0])
+    cold = token_probabilities(logits, SamplingSettings(temperature=0.5))
+    assert cold.tolist() == pytest.approx((torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2 / 0.3650).tolist(), rel=1e-3)
+
+
+def test_stream_generate_yields_text_and_timings(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    chunks = list(engine.stream_generate(ids, max_new_tokens=10))
+    stats = chunks[-1].stats
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert stats.finish_reason == "length" and stats.completion_tokens == 10 == len(tokens)
+    assert "".join(c.text for c in chunks) == engine.tokenizer.decode(tokens)
+    assert stats.prompt_tokens == len(ids)
+    assert stats.prompt_tok_s > 0 and stats.decode_tok_s > 0 and 0 < stats.ttft_s
+
+
+def test_stop_strings_cut_the_text_and_stop(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    full = "".join(c.text for c in engine.stream_generate(ids, max_new_tokens=24))
+    stop = full[5:8]
+    chunks = list(engine.stream_generate(ids, max_new_tokens=24, stop_strings=[stop]))
+    assert "".join(c.text for c in chunks) == full[: full.index(stop)]
+    assert chunks[-1].stats.finish_reason == "stop"
+
+
+def test_eos_token_stops_generation(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    first = engine.generate(ids, 3)
+    chunks = list(engine.stream_generate(ids, max_new_tokens=10, stop_token_ids=[first[2]]))
+    assert [t for c in chunks for t in c.token_ids] == first[:2]
+    assert chunks[-1].stats.finish_reason == "stop"
+
+
+def test_context_limit_ends_generation_with_a_reason(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    chunks = list(engine.stream_generate(ids, max_new_tokens=50, context=len(ids) + 4))
+    assert chunks[-1].stats.finish_reason == "context"
+    assert chunks[-1].stats.completion_tokens == 4
+    with pytest.raises(localv3.LocalV3Error, match="the context holds"):
+        list(engine.stream_generate(ids, max_new_tokens=5, context=len(ids) - 1))
+
+
+def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    a = engine.generate(ids, 16, temperature=1.5, seed=3)
+    b = engine.generate(ids, 16, temperature=1.5, seed=3)
+    c = engine.generate(ids, 16, temperature=1.5, seed=4)
+    assert a == b and a != c
+
+
+def test_stream_generate_over_a_bare_session_without_tokenizer(engine):
+    session = engine.new_session(64)
+    chunks = list(stream_generate(session, None, [5, 6, 7], max_new_tokens=4))
+    assert chunks[-1].stats.completion_tokens == 4 and all(c.text == "" for c in chunks)
