@@ -1,0 +1,47 @@
+"""`localv3 rm NAME`: delete a model from the hub cache or localv3's quantized outputs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from localv3 import hub, registry
+from localv3.commands.ls import stored_models
+from localv3.errors import LocalV3Error, ModelNotFoundError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rm")(rm_command)
+
+
+def rm_command(
+    model: Annotated[str, typer.Argument(help="A name or repo id as `localv3 ls` shows it, or a models.toml name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a downloaded or quantized model.
+
+    Every copy the name matches (hub download, quantized output) is listed, then deleted.
+    """
+    entry = registry.find_model(model)
+    targets = [stored for stored in stored_models() if _matches(stored, model, entry)]
+    if not targets:
+        raise ModelNotFoundError(f"{model!r} is not on disk (`localv3 ls` lists what is)")
+    for target in targets:
+        print(f"{target.name}: {hub.format_bytes(target.size_bytes)} at {target.path}", file=sys.stderr)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LocalV3Error("not deleting without --yes: stdin is not a terminal to confirm on")
+        typer.confirm(f"delete {len(targets)} model(s)?", abort=True, err=True)
+    for target in targets:
+        hub.remove_stored_model(target)
+        print(target.path)
+
+
+def _matches(stored: hub.StoredModel, spec: str, entry: registry.ModelEntry | None) -> bool:
+    if spec in (stored.name, stored.repo_id):
+        return True
+    if entry is None:
+        return False
+    return stored.name == entry.name or (stored.source == "hub" and stored.repo_id == entry.repo)
