@@ -1,0 +1,365 @@
+"""The machine a plan is for: detected, taken from a named profile, or stated, and any mix.
+
+Peak figures and the fraction of them that sustained work reaches are kept apart
+(`Hardware.achievable`); a measured figure is already achievable, so its fraction is 1.
+Detection measures CPU memory bandwidth and FLOP/s (and PCIe where a GPU exists) with a probe
+of a few hundred milliseconds, cached as JSON in the localv3 home (`$LOCALV3_HOME`, else
+`~/.localv3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from localv3.errors import LocalV3Error
+from localv3.render import format_bytes
+from offload.profiles import load_profiles
+from offload.units import format_flops, format_rate, parse_bytes, parse_rate
+
+CACHE_FILE_NAME = "hardware.json"
+
+
+class HardwareError(LocalV3Error):
+    """Stated hardware that contradicts itself."""
+
+
+@dataclass(frozen=True)
+class Achievable:
+    """Fractions of peak that sustained decode-style reads and dense math reach."""
+
+    gpu_bw: float = 0.85
+    cpu_bw: float = 0.75
+    pcie_bw: float = 1.0  # PCIe figures are practical per-direction rates already
+    disk_bw: float = 0.6  # memory-mapped expert reads are less sequential than a benchmark
+    gpu_flops: float = 0.6
+    cpu_flops: float = 0.5
+
+
+@dataclass(frozen=True)
+class Hardware:
+    source: str  # "detected", "profile NAME", "stated", joined with " + "
+    gpu_name: str | None  # None: no GPU
+    gpu_mem_bytes: int
+    gpu_free_bytes: int
+    gpu_bw: float  # peak bytes/s
+    gpu_flops: float  # peak FLOP/s
+    cpu_name: str
+    physical_cores: int
+    numa_nodes: int
+    ram_bytes: int
+    ram_available_bytes: int
+    cpu_bw: float  # peak bytes/s of the memory system
+    cpu_flops: float
+    pcie_bw: float  # bytes/s per direction
+    disk_free_bytes: int | None
+    disk_bw: float
+    achievable: Achievable = field(default_factory=Achievable)
+    basis: dict[str, str] = field(default_factory=dict)  # figure -> how it was measured or assumed
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_name is not None and self.gpu_mem_bytes > 0
+
+    def effective(self, resource: str) -> float:
+        """Achievable rate of `resource` (gpu_bw, cpu_bw, pcie_bw, disk_bw, gpu_flops, cpu_flops)."""
+        return getattr(self, resource) * getattr(self.achievable, resource)
+
+    def describe(self) -> str:
+        cpu = (
+            f"{self.cpu_name} ({self.physical_cores} cores, {format_bytes(self.ram_bytes)} RAM, "
+            f"{format_rate(self.cpu_bw)})"
+        )
+        if not self.has_gpu:
+            return f"{cpu}, no GPU"
+        gpu = f"{self.gpu_name} ({format_bytes(self.gpu_mem_bytes)}, {format_rate(self.gpu_bw)})"
+        return f"{gpu} + {cpu}, PCIe {format_rate(self.pcie_bw)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StatedHardware:
+    """What the user said (`--gpu-mem 24GiB --ram 512GiB ...`): replaces detected or profile figures.
+    Stated bandwidths are peak figures, like those in the profiles."""
+
+    gpu_mem: int | None = None
+    ram: int | None = None
+    cpu_bw: float | None = None
+    gpu_bw: float | None = None
+    pcie: float | None = None
+    cores: int | None = None
+
+    @classmethod
+    def from_text(
+        cls,
+        gpu_mem: str | None = None,
+        ram: str | None = None,
+        cpu_bw: str | None = None,
+        gpu_bw: str | None = None,
+        pcie: str | None = None,
+        cores: int | None = None,
+    ) -> "StatedHardware":
+        if cores is not None and cores < 1:
+            raise HardwareError(f"--cores {cores}: a machine has at least one core")
+        return cls(
+            gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem),
+            ram=None if ram is None else parse_bytes(ram),
+            cpu_bw=None if cpu_bw is None else parse_rate(cpu_bw),
+            gpu_bw=None if gpu_bw is None else parse_rate(gpu_bw),
+            pcie=None if pcie is None else parse_rate(pcie),
+            cores=cores,
+        )
+
+    @property
+    def anything(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+    def apply(self, hw: Hardware) -> Hardware:
+        if not self.anything:
+            return hw
+        changes: dict[str, Any] = {"source": f"{hw.source} + stated"}
+        basis = dict(hw.basis)
+        if self.gpu_mem is not None:
+            changes.update(_stated_gpu(hw, self.gpu_mem, basis))
+        if self.gpu_bw is not None:
+            if not changes.get("gpu_name", hw.gpu_name):
+                raise HardwareError("--gpu-bw was given but the machine has no GPU: state --gpu-mem too")
+            changes["gpu_bw"] = self.gpu_bw
+        if self.ram is not None:
+            changes.update(ram_bytes=self.ram, ram_available_bytes=self.ram)
+        if self.cpu_bw is not None:  # a stated figure is a peak, like the profiles' figures
+            changes.update(cpu_bw=self.cpu_bw, achievable=dataclasses.replace(hw.achievable, cpu_bw=Achievable.cpu_bw))
+        if self.pcie is not None:
+            changes["pcie_bw"] = self.pcie
+        if self.cores is not None:
+            changes["physical_cores"] = self.cores
+        stated = {"gpu_bw": self.gpu_bw, "cpu_bw": self.cpu_bw, "pcie_bw": self.pcie}
+        basis = {k: v for k, v in basis.items() if stated.get(k) is None}
+        return dataclasses.replace(hw, **changes, basis=basis)
+
+
+def _stated_gpu(hw: Hardware, gpu_mem: int, basis: dict[str, str]) -> dict[str, Any]:
+    """--gpu-mem 0 removes the GPU; a GPU stated on a machine without one gets the default
+    GPU's rates until they are stated too."""
+    if gpu_mem == 0:
+        for figure in ("gpu_bw", "gpu_flops", "pcie_bw"):
+            basis.pop(figure, None)
+        return {"gpu_name": None, "gpu_mem_bytes": 0, "gpu_free_bytes": 0, "gpu_bw": 0.0, "gpu_flops": 0.0, "pcie_bw": 0.0}
+    changes: dict[str, Any] = {"gpu_mem_bytes": gpu_mem, "gpu_free_bytes": gpu_mem}
+    if not hw.has_gpu:
+        profiles = load_profiles()
+        default = profiles.default_gpu
+        changes.update(gpu_name=f"GPU with {format_bytes(gpu_mem)}", gpu_bw=default.bandwidth, gpu_flops=default.flops)
+        basis["gpu_bw"] = f"assumed {format_rate(default.bandwidth)} ({default.name}); state --gpu-bw"
+        basis["gpu_flops"] = f"assumed that of a {default.name}"
+        if not hw.pcie_bw:
+            changes["pcie_bw"] = profiles.default_pcie_bw
+            basis["pcie_bw"] = f"assumed {format_rate(profiles.default_pcie_bw)} (PCIe 4.0 x16); state --pcie"
+    return changes
+
+
+def hardware_from_profile(name: str) -> Hardware:
+    machine = load_profiles().machine(name)
+    gpu, cpu = machine.gpu, machine.cpu
+    return Hardware(
+        source=f"profile {name}",
+        gpu_name=gpu.name if gpu else None,
+        gpu_mem_bytes=gpu.memory_bytes if gpu else 0,
+        gpu_free_bytes=gpu.memory_bytes if gpu else 0,
+        gpu_bw=gpu.bandwidth if gpu else 0.0,
+        gpu_flops=gpu.flops if gpu else 0.0,
+        cpu_name=cpu.name,
+        physical_cores=cpu.cores,
+        numa_nodes=cpu.numa_nodes,
+        ram_bytes=machine.ram_bytes,
+        ram_available_bytes=machine.ram_bytes,
+        cpu_bw=cpu.bandwidth,
+        cpu_flops=cpu.flops,
+        pcie_bw=machine.pcie_bw if gpu else 0.0,
+        disk_free_bytes=None,
+        disk_bw=machine.disk_bw,
+    )
+
+
+# ----- detection ---------------------------------------------------------------------------
+def detect_hardware(model_path: str | Path | None = None) -> Hardware:
+    """This machine: GPU 0 through torch.cuda, CPU and RAM through psutil, CPU (and PCIe)
+    rates from the cached probe, free disk where the model lives (else the localv3 home)."""
+    from localv3.registry import localv3_home
+
+    profiles = load_profiles()
+    basis: dict[str, str] = {}
+    gpu = _detect_gpu(basis)
+    cpu_name = _cpu_name()
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    memory = psutil.virtual_memory()
+    rates = _measured_rates(cpu_name, cores, memory.total, gpu["name"] if gpu else None, basis)
+    disk_free = _disk_free(Path(model_path) if model_path else localv3_home())
+    basis["disk_bw"] = f"assumed {format_rate(profiles.default_disk_bw)} (NVMe PCIe 4.0 SSD)"
+    measured = Achievable(cpu_bw=1.0, cpu_flops=1.0)  # PCIe figures are practical either way
+    return Hardware(
+        source="detected",
+        gpu_name=gpu["name"] if gpu else None,
+        gpu_mem_bytes=gpu["total"] if gpu else 0,
+        gpu_free_bytes=gpu["free"] if gpu else 0,
+        gpu_bw=gpu["bandwidth"] if gpu else 0.0,
+        gpu_flops=gpu["flops"] if gpu else 0.0,
+        cpu_name=cpu_name,
+        physical_cores=cores,
+        numa_nodes=_numa_nodes(),
+        ram_bytes=memory.total,
+        ram_available_bytes=memory.available,
+        cpu_bw=rates["cpu_bw"],
+        cpu_flops=rates["cpu_flops"],
+        pcie_bw=rates["pcie_bw"] or 0.0,
+        disk_free_bytes=disk_free,
+        disk_bw=profiles.default_disk_bw,
+        achievable=measured,
+        basis=basis,
+    )
+
+
+def _detect_gpu(basis: dict[str, str]) -> dict[str, Any] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info(0)
+    return {"name": props.name, "total": total, "free": free, **gpu_rates(props, basis)}
+
+
+def gpu_rates(props: Any, basis: dict[str, str]) -> dict[str, float]:
+    """Peak bandwidth and FLOP/s of a GPU from its torch.cuda properties: bandwidth from the
+    memory clock and bus width where torch reports them, else the profile of a GPU of that name,
+    else the default GPU's figures (noted as assumptions)."""
+    profiles = load_profiles()
+    known = profiles.gpu_named(props.name)
+    fallback = known or profiles.default_gpu
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        bandwidth = 2 * clock_khz * 1000 * bus_bits / 8  # double data rate
+    else:
+        bandwidth = fallback.bandwidth
+        if not known:
+            basis["gpu_bw"] = f"assumed {format_rate(bandwidth)} ({fallback.name}); state --gpu-bw"
+    if not known:
+        basis["gpu_flops"] = f"assumed that of a {fallback.name}"
+    return {"bandwidth": bandwidth, "flops": fallback.flops}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _numa_nodes() -> int:
+    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    return max(len(nodes), 1)
+
+
+def _disk_free(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return psutil.disk_usage(str(candidate)).free
+    return None
+
+
+# ----- the probe ---------------------------------------------------------------------------
+def _measured_rates(cpu_name: str, cores: int, ram: int, gpu_name: str | None, basis: dict[str, str]) -> dict[str, Any]:
+    """CPU bandwidth and FLOP/s (and PCIe with a GPU), from the cache when it describes this
+    machine, else measured now and cached."""
+    from localv3.registry import localv3_home
+
+    machine = {"cpu_name": cpu_name, "physical_cores": cores, "ram_bytes": ram, "gpu_name": gpu_name}
+    path = localv3_home() / CACHE_FILE_NAME
+    cached = _read_cache(path) or {}
+    complete = {"cpu_bw", "cpu_flops", "pcie_bw", "measured_at"} <= cached.keys()
+    if complete and all(cached.get(key) == value for key, value in machine.items()):
+        rates = cached
+        basis["cpu_bw"] = f"measured {format_rate(rates['cpu_bw'])} on {rates['measured_at']} ({path})"
+    else:
+        cpu_bw, cpu_flops = measure_cpu()
+        rates = {
+            **machine,
+            "cpu_bw": cpu_bw,
+            "cpu_flops": cpu_flops,
+            "pcie_bw": measure_pcie() if gpu_name else None,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_cache(path, rates)
+        basis["cpu_bw"] = f"measured {format_rate(cpu_bw)} just now (cached in {path})"
+    basis["cpu_flops"] = f"measured {format_flops(rates['cpu_flops'])} (fp32 matrix product)"
+    if rates["pcie_bw"]:
+        basis["pcie_bw"] = f"measured {format_rate(rates['pcie_bw'])} host-to-device"
+    return rates
+
+
+def measure_cpu(buffer_bytes: int = 512 * 2**20, repeats: int = 5) -> tuple[float, float]:
+    """(read bytes/s, fp32 FLOP/s): a matrix-vector product over a weight matrix larger than
+    any cache (what decoding does to every weight), and a 1024^3 matrix product; best of
+    `repeats`, on torch's default threads."""
+    import torch
+
+    weights = torch.ones(buffer_bytes // (4 * 4096), 4096, dtype=torch.float32)
+    vector = torch.ones(4096, dtype=torch.float32)
+    read_seconds = _best_time(lambda: torch.mv(weights, vector), repeats)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul_seconds = _best_time(lambda: torch.mm(a, b), repeats)
+    return weights.numel() * 4 / read_seconds, 2 * 1024**3 / matmul_seconds
+
+
+def measure_pcie(buffer_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Host-to-device bytes/s of a pinned, non-blocking copy on GPU 0."""
+    import torch
+
+    host = torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(buffer_bytes, dtype=torch.uint8, device="cuda")
+
+    def copy() -> None:
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+
+    return buffer_bytes / _best_time(copy, repeats)
+
+
+def _best_time(work, repeats: int) -> float:
+    work()  # warm up: page faults, thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_cache(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError:
+        pass  # a read-only home only costs a new measurement next time

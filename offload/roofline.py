@@ -1,0 +1,184 @@
+"""Predicted decode and prefill speed of a layout: a roofline per stage, summed along the
+critical path of one forward.
+
+Each stage costs max(bytes read / achievable bandwidth, FLOPs / achievable FLOP/s) on its
+device. A forward over T tokens with C cached tokens, per decoder layer:
+- the layer's resident weights are read once; attention also reads C rows of the latent cache
+  and does 2 T C heads (2 kv_lora_rank + qk_rope_head_dim) FLOPs (absorbed MLA);
+- a routed expert e with routing probability p_e (per token) is read when any of the T tokens
+  picks it, probability 1 - (1 - p_e)^T, and does 2 T p_e x its weights FLOPs;
+- experts away from the layer's device cost a hand-off each way (hidden states over PCIe plus a
+  fixed latency); on a GPU layer they run while the GPU computes the shared expert;
+- every layer pays a fixed dispatch cost on its device.
+Disk-resident experts are read at the disk rate and computed by the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from offload.hardware import Hardware
+from offload.layout import CPU, DISK, GPU, Layout
+from offload.quant import Quantization
+from offload.shape import ModelShape
+
+ACTIVATION_BYTES = 2  # hidden states cross PCIe in bf16
+
+BANDWIDTH_LABEL = {GPU: "GPU memory bandwidth", CPU: "CPU memory bandwidth"}
+COMPUTE_LABEL = {GPU: "GPU compute", CPU: "CPU compute"}
+DISK_LABEL = "disk reads"
+PCIE_LABEL = "PCIe transfers"
+FIXED_LABEL = "fixed per-layer costs"
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Seconds that no bandwidth explains; the runtime's measurements should replace them."""
+
+    gpu_layer_s: float = 40e-6  # kernel launches of one decoder layer
+    cpu_layer_s: float = 300e-6  # torch dispatch of one decoder layer (2-50 us per op, DESIGN.md 3)
+    handoff_s: float = 50e-6  # one GPU<->CPU hand-off: synchronise, copy latency, wake threads
+
+
+@dataclass(frozen=True)
+class Prediction:
+    decode_tok_s: float
+    prefill_tok_s: float
+    bottleneck: str
+    decode_seconds: dict[str, float]  # one decoded token's critical path, by resource
+    context: int  # cached tokens the decode figure assumes
+    prefill_chunk: int  # tokens per prefill forward
+    decode_tok_s_all_in_ram: float | None = None  # when experts spill to disk: without the spill
+    mtp_decode_tok_s: float | None = None  # with MTP speculation at `mtp_acceptance`
+    mtp_acceptance: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "decode_tok_s": self.decode_tok_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "bottleneck": self.bottleneck,
+            "decode_ms_per_token": {k: v * 1e3 for k, v in self.decode_seconds.items()},
+            "context": self.context,
+            "prefill_chunk": self.prefill_chunk,
+            "decode_tok_s_all_in_ram": self.decode_tok_s_all_in_ram,
+            "mtp_decode_tok_s": self.mtp_decode_tok_s,
+            "mtp_acceptance": self.mtp_acceptance,
+        }
+
+
+@dataclass(frozen=True)
+class Roofline:
+    shape: ModelShape
+    quant: Quantization
+    hardware: Hardware
+    expert_probabilities: dict[int, list[float]]  # MoE layer -> per-token probability of each expert
+    costs: FixedCosts
+
+    def predict(self, layout: Layout, context: int, prefill_chunk: int, mtp_acceptance: float) -> Prediction:
+        main_layers = range(self.shape.num_layers)
+        decode = self.forward(layout, 1, context, main_layers, logit_rows=1)
+        decode_s = sum(decode.values())
+        chunk = min(prefill_chunk, context)
+        prefill_s = sum(self.forward(layout, chunk, max(chunk // 2, 1), main_layers, logit_rows=1).values())
+        without_spill = None
+        if layout.count_experts(DISK):
+            in_ram = _disk_experts_in_ram(layout)
+            without_spill = 1.0 / sum(self.forward(in_ram, 1, context, main_layers, logit_rows=1).values())
+        mtp_layers = range(self.shape.num_layers, len(layout.layer_devices))
+        mtp_tok_s = None
+        if len(mtp_layers):
+            depth = len(mtp_layers)
+            verify_s = sum(self.forward(layout, depth + 1, context, main_layers, logit_rows=depth + 1).values())
+            draft_s = depth * sum(self.forward(layout, 1, context, mtp_layers[:1], logit_rows=1).values())
+            accepted = sum(mtp_acceptance**i for i in range(1, depth + 1))
+            mtp_tok_s = (1 + accepted) / (verify_s + draft_s)
+        return Prediction(
+            decode_tok_s=1.0 / decode_s,
+            prefill_tok_s=chunk / prefill_s,
+            bottleneck=max(decode, key=decode.get),
+            decode_seconds=dict(decode),
+            context=context,
+            prefill_chunk=chunk,
+            decode_tok_s_all_in_ram=without_spill,
+            mtp_decode_tok_s=mtp_tok_s,
+            mtp_acceptance=mtp_acceptance if mtp_tok_s is not None else None,
+        )
+
+    def forward(self, layout: Layout, tokens: int, context: int, layers, logit_rows: int) -> Counter:
+        """Critical-path seconds by resource of one forward over `tokens` new tokens."""
+        path: Counter = Counter()
+        previous = layout.embedding_device
+        for layer in layers:
+            device = layout.layer_devices[layer]
+            if device != previous:
+                path += self._handoff(tokens)
+            path += self._resident(device, layer, tokens, context)
+            path[FIXED_LABEL] += self.costs.gpu_layer_s if device == GPU else self.costs.cpu_layer_s
+            if layer in layout.expert_devices:
+                path += self._moe(layout, device, layer, tokens)
+            previous = device
+        if layout.head_device != previous:
+            path += self._handoff(tokens)
+        head = [self.shape.group("norm"), self.shape.group("lm_head") or self.shape.group("embedding")]
+        head_bytes = sum(g.bytes(self.quant) for g in head)
+        path += self._roof(layout.head_device, head_bytes, 2 * logit_rows * sum(g.elements for g in head))
+        return path
+
+    # ----- stages ---------------------------------------------------------------------------
+    def _resident(self, device: str, layer: int, tokens: int, context: int) -> Counter:
+        groups = [g for g in self.shape.layer_groups(layer) if g.kind not in ("shared_expert", "routed_expert")]
+        s = self.shape
+        kv_bytes = context * s.kv_bytes_per_token_per_layer
+        attention_flops = 2 * tokens * context * s.num_attention_heads * (2 * s.kv_lora_rank + s.qk_rope_head_dim)
+        weight_bytes = sum(g.bytes(self.quant) for g in groups)
+        weight_flops = 2 * tokens * sum(g.elements for g in groups)
+        return self._roof(device, weight_bytes + kv_bytes, weight_flops + attention_flops)
+
+    def _moe(self, layout: Layout, device: str, layer: int, tokens: int) -> Counter:
+        """The shared expert on the layer's device; routed experts wherever they live. On a GPU
+        layer the CPU's experts run while the GPU does the shared expert and its own experts."""
+        shared = self.shape.group("shared_expert", layer)
+        shared_part = self._roof(device, shared.bytes(self.quant), 2 * tokens * shared.elements) if shared else Counter()
+        read, flops = self._expert_traffic(layout, layer, tokens)
+        gpu_part = self._roof(GPU, read[GPU], flops[GPU]) if read[GPU] else Counter()
+        cpu_part: Counter = Counter()
+        if read[CPU] or read[DISK]:
+            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK])
+            if read[DISK]:
+                cpu_part[DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
+        local, remote = (gpu_part, cpu_part) if device == GPU else (cpu_part, gpu_part)
+        local += shared_part
+        if remote:
+            remote += self._handoff(tokens) + self._handoff(tokens)
+        if device == GPU:
+            return local if sum(local.values()) >= sum(remote.values()) else remote
+        return local + remote
+
+    def _expert_traffic(self, layout: Layout, layer: int, tokens: int) -> tuple[Counter, Counter]:
+        """Expected bytes read and FLOPs per device for the routed experts of one layer."""
+        experts = self.shape.group("routed_expert", layer)
+        expert_bytes = experts.unit_bytes(self.quant)
+        read: Counter = Counter()
+        flops: Counter = Counter()
+        for p, device in zip(self.expert_probabilities[layer], layout.expert_devices[layer]):
+            read[device] += (1.0 - (1.0 - p) ** tokens) * expert_bytes
+            flops[device] += 2 * tokens * p * experts.unit_elements
+        return read, flops
+
+    def _roof(self, device: str, nbytes: float, flops: float) -> Counter:
+        hw = self.hardware
+        memory_s = nbytes / hw.effective(f"{device}_bw")
+        compute_s = flops / hw.effective(f"{device}_flops")
+        if memory_s >= compute_s:
+            return Counter({BANDWIDTH_LABEL[device]: memory_s})
+        return Counter({COMPUTE_LABEL[device]: compute_s})
+
+    def _handoff(self, tokens: int) -> Counter:
+        pcie = tokens * self.shape.hidden_size * ACTIVATION_BYTES / self.hardware.effective("pcie_bw")
+        return Counter({PCIE_LABEL: pcie, FIXED_LABEL: self.costs.handoff_s})
+
+
+def _disk_experts_in_ram(layout: Layout) -> Layout:
+    moved = {layer: tuple(CPU if d == DISK else d for d in devices) for layer, devices in layout.expert_devices.items()}
+    return Layout(layout.layer_devices, moved, layout.head_device, layout.embedding_device)

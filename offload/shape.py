@@ -1,0 +1,226 @@
+"""The model's shape, from config.json alone: every tensor group with its tensors' shapes.
+
+Groups are named by their checkpoint prefix and have a kind (embedding, attention, dense_ffn,
+shared_expert, routed_expert, router, norm, lm_head, mtp) and a layer (None for the model-wide
+ones). Layers >= num_hidden_layers are the MTP module's decoder blocks; its `embed_tokens` and
+`shared_head.head` equal the main model's and are shared, so they are not counted twice.
+A routed-expert group holds the tensors of one expert and `count` experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from localv3.config import ModelConfig
+from offload.quant import KV_CACHE_BYTES_PER_VALUE, Quantization
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    role: str  # experts | dense | embeddings | router | vector (see Quantization.scheme_for)
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    name: str
+    kind: str
+    layer: int | None
+    tensors: tuple[TensorSpec, ...]
+    count: int = 1  # routed_expert: experts in the layer, each holding `tensors`
+
+    @property
+    def unit_elements(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    @property
+    def elements(self) -> int:
+        return self.count * self.unit_elements
+
+    def unit_bytes(self, quant: Quantization) -> int:
+        return sum(quant.scheme_for(t.role).tensor_bytes(t.shape) for t in self.tensors)
+
+    def bytes(self, quant: Quantization) -> int:
+        return self.count * self.unit_bytes(quant)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_layers: int  # main decoder layers
+    mtp_layers: int  # num_nextn_predict_layers; their indices follow the main layers
+    n_routed_experts: int
+    experts_per_token: int
+    num_attention_heads: int
+    qk_head_dim: int
+    v_head_dim: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    max_position_embeddings: int
+    groups: tuple[TensorGroup, ...]
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, name: str = "model") -> "ModelShape":
+        groups = [_embedding(config)]
+        for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
+            groups += _decoder_layer(config, layer)
+        groups += _head(config)
+        return cls(
+            name=name,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            num_layers=config.num_hidden_layers,
+            mtp_layers=config.num_nextn_predict_layers,
+            n_routed_experts=config.n_routed_experts or 0,
+            experts_per_token=config.num_experts_per_tok or 0,
+            num_attention_heads=config.num_attention_heads,
+            qk_head_dim=config.qk_head_dim,
+            v_head_dim=config.v_head_dim,
+            kv_lora_rank=config.kv_lora_rank,
+            qk_rope_head_dim=config.qk_rope_head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+            groups=tuple(groups),
+        )
+
+    # ----- looking things up ----------------------------------------------------------
+    @property
+    def layers(self) -> range:
+        """All decoder blocks: the main layers, then the MTP layers."""
+        return range(self.num_layers + self.mtp_layers)
+
+    def is_mtp_layer(self, layer: int | None) -> bool:
+        return layer is not None and layer >= self.num_layers
+
+    def layer_groups(self, layer: int | None) -> list[TensorGroup]:
+        return self._by_layer.get(layer, [])
+
+    def group(self, kind: str, layer: int | None = None) -> TensorGroup | None:
+        return self._by_kind_and_layer.get((kind, layer))
+
+    @functools.cached_property
+    def _by_layer(self) -> dict[int | None, list[TensorGroup]]:
+        index: dict[int | None, list[TensorGroup]] = {}
+        for g in self.groups:
+            index.setdefault(g.layer, []).append(g)
+        return index
+
+    @functools.cached_property
+    def _by_kind_and_layer(self) -> dict[tuple[str, int | None], TensorGroup]:
+        return {(g.kind, g.layer): g for g in self.groups}
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [g.layer for g in self.groups if g.kind == "routed_expert"]
+
+    # ----- derived facts ----------------------------------------------------------------
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """Absorbed-MLA latent cache: kv_lora_rank + qk_rope_head_dim values per token and layer."""
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * KV_CACHE_BYTES_PER_VALUE
+
+    @property
+    def total_elements(self) -> int:
+        return sum(g.elements for g in self.groups)
+
+    def activation_bytes(self, tokens: int, key_block: int = 1024) -> int:
+        """fp32 working memory of a forward over `tokens` tokens (one prefill chunk), attention
+        scores computed `key_block` keys at a time, plus one row of logits."""
+        per_token = (
+            4 * self.hidden_size  # residual, normed input, attention output, MLP output
+            + 3 * self.intermediate_size  # gate, up, activated product of the widest MLP
+            + self.num_attention_heads * (self.qk_head_dim + self.kv_lora_rank + self.v_head_dim)
+        )
+        scores = self.num_attention_heads * tokens * key_block
+        return 4 * (tokens * per_token + scores + self.vocab_size)
+
+
+def _matrix(name: str, out_features: int, in_features: int, role: str) -> TensorSpec:
+    return TensorSpec(f"{name}.weight", (out_features, in_features), role)
+
+
+def _vector(name: str, size: int, role: str = "vector") -> TensorSpec:
+    return TensorSpec(name, (size,), role)
+
+
+def _embedding(c: ModelConfig) -> TensorGroup:
+    return TensorGroup(
+        "model.embed_tokens", "embedding", None, (_matrix("embed_tokens", c.vocab_size, c.hidden_size, "embeddings"),)
+    )
+
+
+def _head(c: ModelConfig) -> list[TensorGroup]:
+    norm = TensorGroup("model.norm", "norm", None, (_vector("norm.weight", c.hidden_size),))
+    if c.tie_word_embeddings:  # lm_head reads the embedding matrix, already counted
+        return [norm]
+    lm_head = TensorGroup("lm_head", "lm_head", None, (_matrix("lm_head", c.vocab_size, c.hidden_size, "embeddings"),))
+    return [norm, lm_head]
+
+
+def _attention(c: ModelConfig) -> list[TensorSpec]:
+    h, heads = c.hidden_size, c.num_attention_heads
+    tensors = []
+    if c.q_lora_rank:
+        tensors += [_matrix("q_a_proj", c.q_lora_rank, h, "dense"), _vector("q_a_layernorm.weight", c.q_lora_rank)]
+        tensors += [_matrix("q_b_proj", heads * c.qk_head_dim, c.q_lora_rank, "dense")]
+        if c.attention_bias:
+            tensors += [_vector("q_a_proj.bias", c.q_lora_rank)]
+    else:
+        tensors += [_matrix("q_proj", heads * c.qk_head_dim, h, "dense")]
+    tensors += [
+        _matrix("kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, "dense"),
+        _vector("kv_a_layernorm.weight", c.kv_lora_rank),
+        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "dense"),
+        _matrix("o_proj", h, heads * c.v_head_dim, "dense"),
+    ]
+    if c.attention_bias:
+        tensors += [_vector("kv_a_proj_with_mqa.bias", c.kv_lora_rank + c.qk_rope_head_dim), _vector("o_proj.bias", h)]
+    return tensors
+
+
+def _mlp(hidden: int, intermediate: int, role: str) -> tuple[TensorSpec, ...]:
+    return (
+        _matrix("gate_proj", intermediate, hidden, role),
+        _matrix("up_proj", intermediate, hidden, role),
+        _matrix("down_proj", hidden, intermediate, role),
+    )
+
+
+def _decoder_layer(c: ModelConfig, layer: int) -> list[TensorGroup]:
+    prefix = f"model.layers.{layer}"
+    h = c.hidden_size
+    groups = []
+    if layer >= c.num_hidden_layers:
+        mtp = (
+            _vector("enorm.weight", h),
+            _vector("hnorm.weight", h),
+            _matrix("eh_proj", h, 2 * h, "dense"),
+            _vector("shared_head.norm.weight", h),
+        )
+        groups.append(TensorGroup(f"{prefix}.mtp", "mtp", layer, mtp))
+    groups.append(TensorGroup(f"{prefix}.self_attn", "attention", layer, tuple(_attention(c))))
+    norms = (_vector("input_layernorm.weight", h), _vector("post_attention_layernorm.weight", h))
+    groups.append(TensorGroup(f"{prefix}.norms", "norm", layer, norms))
+    if not c.is_moe_layer(layer):
+        groups.append(TensorGroup(f"{prefix}.mlp", "dense_ffn", layer, _mlp(h, c.intermediate_size, "dense")))
+        return groups
+    router = [_matrix("gate", c.n_routed_experts, h, "router")]
+    if c.topk_method == "noaux_tc":
+        router.append(_vector("gate.e_score_correction_bias", c.n_routed_experts, "router"))
+    groups.append(TensorGroup(f"{prefix}.mlp.gate", "router", layer, tuple(router)))
+    if c.n_shared_experts:
+        shared = _mlp(h, c.shared_intermediate_size, "dense")
+        groups.append(TensorGroup(f"{prefix}.mlp.shared_experts", "shared_expert", layer, shared))
+    expert = _mlp(h, c.moe_intermediate_size, "experts")
+    groups.append(TensorGroup(f"{prefix}.mlp.experts", "routed_expert", layer, expert, count=c.n_routed_experts))
+    return groups

@@ -1,0 +1,367 @@
+"""The offload planner: shapes from config.json, sizes under each quantisation, placement,
+overrides, refusals, and the roofline, checked against the issue's reality checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from localv3.config import ModelConfig
+from offload.hardware import Hardware, StatedHardware, hardware_from_profile
+from offload.layout import CPU, DISK, GPU
+from offload.planner import Plan, PlanError, Policy, expert_probabilities, plan
+from offload.quant import QuantError, Quantization, scheme
+from offload.roofline import FixedCosts
+from offload.shape import ModelShape
+
+GiB = 2**30
+CONFIGS = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "configs"
+KINDS = {"embedding", "attention", "dense_ffn", "shared_expert", "routed_expert", "router", "norm", "lm_head", "mtp", "kv_cache"}
+
+
+def shape_of(name: str) -> ModelShape:
+    return ModelShape.from_config(ModelConfig.from_file(CONFIGS / f"{name}.json"), name)
+
+
+@pytest.fixture(scope="module")
+def v3() -> ModelShape:
+    return shape_of("deepseek-v3")
+
+
+@pytest.fixture(scope="module")
+def moonlight() -> ModelShape:
+    return shape_of("moonlight-16b-a3b-instruct")
+
+
+def machine(profile: str = "rtx4090-epyc-12ch", **stated) -> Hardware:
+    return StatedHardware(**stated).apply(hardware_from_profile(profile))
+
+
+def made_up(gpu_gib: float, ram_gib: float, cpu_bw: float = 300e9, gpu_bw: float = 1000e9) -> Hardware:
+    """A machine that exists only in this test."""
+    return Hardware(
+        source="test",
+        gpu_name="Test GPU" if gpu_gib else None,
+        gpu_mem_bytes=int(gpu_gib * GiB),
+        gpu_free_bytes=int(gpu_gib * GiB),
+        gpu_bw=gpu_bw,
+        gpu_flops=100e12,
+        cpu_name="Test CPU",
+        physical_cores=32,
+        numa_nodes=1,
+        ram_bytes=int(ram_gib * GiB),
+        ram_available_bytes=int(ram_gib * GiB),
+        cpu_bw=cpu_bw,
+        cpu_flops=4e12,
+        pcie_bw=25e9 if gpu_gib else 0.0,
+        disk_free_bytes=None,
+        disk_bw=7e9,
+    )
+
+
+def resident_devices(p: Plan) -> set[str]:
+    return {g.device for g in p.groups if g.kind != "routed_expert"}
+
+
+# ----- shapes and sizes ------------------------------------------------------------------------
+def test_v3_shape_matches_the_published_parameter_counts(v3):
+    main = sum(g.elements for g in v3.groups if not v3.is_mtp_layer(g.layer))
+    mtp = v3.total_elements - main
+    assert main / 1e9 == pytest.approx(671.0, abs=0.1)
+    # DeepSeek reports 14B for the MTP module including its own copies of embed_tokens and the head
+    shared_copies = v3.group("embedding").elements + v3.group("lm_head").elements
+    assert (mtp + shared_copies) / 1e9 == pytest.approx(13.5, abs=0.6)
+    assert len(v3.moe_layers) == 58 + 1 and v3.group("routed_expert", 3).count == 256
+    assert v3.group("dense_ffn", 2) is not None and v3.group("dense_ffn", 3) is None
+    assert v3.kv_bytes_per_token_per_layer * v3.num_layers == 70_272  # DESIGN.md section 3
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("kimi-k2-instruct", 1026.4), ("moonlight-16b-a3b-instruct", 15.96), ("deepseek-v2-lite-chat", 15.71)]
+)
+def test_other_shipped_configs_give_their_published_sizes(name, billions):
+    assert shape_of(name).total_elements / 1e9 == pytest.approx(billions, abs=0.05)
+
+
+def test_v2_lite_has_no_q_lora_and_no_correction_bias():
+    s = shape_of("deepseek-v2-lite-chat")
+    attention = {t.name for t in s.group("attention", 0).tensors}
+    assert "q_proj.weight" in attention and "q_a_proj.weight" not in attention
+    assert [t.name for t in s.group("router", 1).tensors] == ["gate.weight"]
+
+
+def test_bytes_per_weight_of_each_scheme():
+    rows, cols = 2048, 7168
+    assert scheme("bf16").matrix_bytes(rows, cols) == 2 * rows * cols
+    assert scheme("fp32").matrix_bytes(rows, cols) == 4 * rows * cols
+    assert scheme("q8").matrix_bytes(rows, cols) == rows * cols + rows * (cols // 32) * 2
+    assert scheme("q4").matrix_bytes(rows, cols) == rows * cols // 2 + rows * (cols // 32) * 2
+    assert scheme("fp8").matrix_bytes(rows, cols) == rows * cols + 16 * 56 * 4
+    assert scheme("q4").bits_per_weight == 4.5 and scheme("q8").bits_per_weight == 8.5
+    assert scheme("fp8").matrix_bytes(129, 130) == 129 * 130 + 2 * 2 * 4  # partial edge blocks
+    assert scheme("q4").matrix_bytes(1, 33) == 17 + 2 * 2  # packed nibbles round up; two groups
+
+
+def test_routed_expert_bytes_follow_the_experts_scheme(v3):
+    experts = v3.group("routed_expert", 10)
+    elements = 3 * 7168 * 2048
+    assert experts.unit_elements == elements
+    assert experts.unit_bytes(Quantization(experts="q4")) == elements * 4.5 / 8
+    assert experts.bytes(Quantization(experts="bf16")) == 256 * 2 * elements
+    router = v3.group("router", 10)
+    assert router.bytes(Quantization(dense="q4")) == 4 * (256 * 7168 + 256)  # fp32 whatever the dense scheme
+
+
+def test_unknown_quantisation_names_the_choices():
+    with pytest.raises(QuantError, match="q4"):
+        Quantization(experts="int3")
+
+
+# ----- the issue's reality checks --------------------------------------------------------------
+def test_v3_q4_on_24gib_and_512gib_keeps_non_experts_and_a_useful_context_on_gpu(v3):
+    p = plan(v3, Quantization(experts="q4"), machine(ram=512 * GiB), context=8192)
+    assert resident_devices(p) == {GPU}
+    assert p.kv_cache.device_bytes == {GPU: p.kv_cache.bytes} and p.kv_cache.max_context >= 32768
+    assert p.layout.count_experts(DISK) == 0
+    assert p.layout.count_experts(CPU) > 0.95 * 59 * 256  # spare VRAM takes a few hot ones
+    gpu = p.device(GPU)
+    assert gpu.used_bytes + gpu.reserved_bytes <= gpu.capacity_bytes
+    every_expert_in_ram = plan(v3, Quantization(experts="q4"), machine(ram=512 * GiB), 8192, Policy(cpu_moe=True))
+    assert every_expert_in_ram.layout.count_experts(CPU) == 59 * 256
+    assert resident_devices(every_expert_in_ram) == {GPU}
+
+
+@pytest.mark.parametrize("name", ["moonlight-16b-a3b-instruct", "deepseek-v2-lite-chat"])
+def test_small_moe_models_in_q4_need_no_offload_on_24gib(name):
+    p = plan(shape_of(name), Quantization(experts="q4"), machine(ram=64 * GiB), context=8192)
+    assert {g.device for g in p.groups} == {GPU}
+    assert p.predicted.bottleneck.startswith("GPU")
+
+
+@pytest.mark.parametrize("name", ["moonlight-16b-a3b-instruct", "deepseek-v2-lite-chat"])
+def test_small_moe_models_in_q4_offload_experts_on_8gib_and_32gib(name):
+    p = plan(shape_of(name), Quantization(experts="q4"), made_up(gpu_gib=8, ram_gib=32), context=8192)
+    assert resident_devices(p) == {GPU}
+    assert 0 < p.layout.count_experts(CPU) < 26 * 64 and p.layout.count_experts(GPU) > 0
+    assert p.layout.count_experts(DISK) == 0
+
+
+def test_v3_on_256gib_spills_the_coldest_experts_to_disk_and_says_what_it_costs(v3):
+    p = plan(v3, Quantization(), machine(ram=256 * GiB), context=8192)
+    assert resident_devices(p) == {GPU}
+    spilled = p.layout.count_experts(DISK)
+    assert spilled > 0 and p.device(DISK).used_bytes > 50 * GiB
+    assert p.layout.expert_devices[61].count(DISK) == 256  # the MTP experts are the coldest
+    assert p.predicted.decode_tok_s < p.predicted.decode_tok_s_all_in_ram / 5
+    assert p.predicted.bottleneck == "disk reads"
+    assert any(f"{spilled} routed experts" in note and "more RAM" in note for note in p.notes)
+    ram = p.device(CPU)
+    assert ram.used_bytes + ram.reserved_bytes <= ram.capacity_bytes
+
+
+def test_cpu_only_places_everything_on_the_cpu(v3):
+    p = plan(v3, Quantization(), hardware_from_profile("cpu-only"), context=4096)
+    assert {g.device for g in p.groups} == {CPU}
+    assert [d.name for d in p.devices] == [CPU]
+    assert p.predicted.bottleneck.startswith("CPU") and "PCIe transfers" not in p.predicted.decode_seconds
+
+
+def test_a_gpu_too_small_for_the_non_expert_weights_runs_some_layers_on_the_cpu(v3):
+    p = plan(v3, Quantization(), machine("rtx4060ti-desktop", gpu_mem=8 * GiB, ram=512 * GiB), context=4096)
+    layers = p.layout.layer_devices
+    assert GPU in layers and CPU in layers
+    assert any("run attention on the CPU" in note for note in p.notes)
+    for g in p.groups:  # a layer's parts and its cache rows share the layer's device
+        if g.layer is not None and g.kind != "routed_expert":
+            assert g.device == layers[g.layer]
+
+
+# ----- placement details -------------------------------------------------------------------------
+def test_uniform_hot_experts_fill_whole_layers_in_order(moonlight):
+    p = plan(moonlight, Quantization(), made_up(gpu_gib=8, ram_gib=32), context=4096)
+    gpu_layers = [layer for layer, d in p.layout.expert_devices.items() if GPU in d]
+    assert gpu_layers == list(range(1, 1 + len(gpu_layers)))
+    assert all(set(p.layout.expert_devices[layer]) == {GPU} for layer in gpu_layers[:-1])
+
+
+def test_a_routing_profile_puts_the_hottest_experts_on_the_gpu(moonlight):
+    counts = [1] * 64
+    counts[5], counts[7] = 500, 400
+    policy = Policy(gpu_experts=2, routing_profile={1: counts})
+    p = plan(moonlight, Quantization(), made_up(gpu_gib=8, ram_gib=32), 4096, policy)
+    assert p.layout.experts_on(1, GPU) == [5, 7]
+    assert all(len(p.layout.experts_on(layer, GPU)) == 2 for layer in p.layout.expert_devices)
+    profiled = plan(moonlight, Quantization(), machine(gpu_mem=int(3.1 * GiB), ram=32 * GiB), 1024,
+                    Policy(routing_profile={20: counts}))
+    assert set(profiled.layout.experts_on(20, GPU)) >= {5, 7}  # hotter than any uniform expert
+
+
+def test_routing_profile_probabilities():
+    s = shape_of("moonlight-16b-a3b-instruct")
+    probabilities = expert_probabilities(s, {"2": [3] + [1] * 63})
+    assert sum(probabilities[2]) == pytest.approx(6.0) and probabilities[2][0] == pytest.approx(3 * probabilities[2][1])
+    assert probabilities[3] == [6 / 64] * 64
+    with pytest.raises(PlanError, match="64 non-negative counts"):
+        expert_probabilities(s, {2: [1, 2, 3]})
+
+
+def test_cpu_moe_keeps_every_expert_off_the_gpu(moonlight):
+    p = plan(moonlight, Quantization(), machine(ram=64 * GiB), 4096, Policy(cpu_moe=True))
+    assert p.layout.count_experts(GPU) == 0 and p.layout.count_experts(CPU) == 26 * 64
+
+
+def test_n_cpu_moe_keeps_the_first_layers_experts_in_ram(moonlight):
+    p = plan(moonlight, Quantization(), machine(ram=64 * GiB), 4096, Policy(n_cpu_moe=20))
+    for layer, devices in p.layout.expert_devices.items():
+        assert set(devices) == ({CPU} if layer < 20 else {GPU})
+
+
+def test_n_cpu_moe_that_does_not_fit_names_the_smallest_that_does(moonlight):
+    hardware = made_up(gpu_gib=8, ram_gib=32)
+    with pytest.raises(PlanError) as error:
+        plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=1))
+    message = str(error.value)
+    fit = int(message.rsplit("--n-cpu-moe ", 1)[1])
+    assert "does not fit" in message and fit > 1
+    plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=fit))
+    with pytest.raises(PlanError):
+        plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=fit - 1))
+
+
+def test_gpu_experts_that_do_not_fit_names_the_largest_that_does(moonlight):
+    hardware = made_up(gpu_gib=8, ram_gib=32)
+    with pytest.raises(PlanError) as error:
+        plan(moonlight, Quantization(), hardware, 4096, Policy(gpu_experts=64))
+    fit = int(str(error.value).rsplit("--gpu-experts ", 1)[1])
+    assert 0 < fit < 64
+    assert plan(moonlight, Quantization(), hardware, 4096, Policy(gpu_experts=fit)).layout.count_experts(GPU) == 26 * fit
+
+
+@pytest.mark.parametrize(
+    "policy, hardware, match",
+    [
+        (Policy(cpu_moe=True, n_cpu_moe=3), "rtx4090-epyc-12ch", "contradict"),
+        (Policy(n_cpu_moe=3, gpu_experts=2), "rtx4090-epyc-12ch", "contradict"),
+        (Policy(gpu_experts=65), "rtx4090-epyc-12ch", "64 experts per layer"),
+        (Policy(n_cpu_moe=-1), "rtx4090-epyc-12ch", "negative"),
+        (Policy(gpu_experts=4), "cpu-only", "no GPU"),
+    ],
+)
+def test_contradictory_requests_are_refused(moonlight, policy, hardware, match):
+    with pytest.raises(PlanError, match=match):
+        plan(moonlight, Quantization(), hardware_from_profile(hardware), 4096, policy)
+
+
+def test_a_context_beyond_the_model_is_refused(moonlight):
+    with pytest.raises(PlanError, match="--context 8192 or less"):
+        plan(moonlight, Quantization(), machine(), 16384)
+
+
+def test_tied_embeddings_are_read_as_the_lm_head():
+    config = json.loads((CONFIGS / "moonlight-16b-a3b-instruct.json").read_text())
+    tied = ModelShape.from_config(ModelConfig.from_dict({**config, "tie_word_embeddings": True}), "tied")
+    assert tied.group("lm_head") is None
+    p = plan(tied, Quantization(), machine(gpu_mem=int(3.5 * GiB), ram=32 * GiB), 4096)
+    embedding = next(g for g in p.groups if g.kind == "embedding")
+    assert embedding.device == p.layout.head_device == p.layout.embedding_device == GPU
+    assert p.layout.count_experts(CPU) > 0
+
+
+def test_leaving_out_mtp_drops_its_groups_and_cache_row(v3):
+    with_mtp = plan(v3, Quantization(), machine(ram=512 * GiB), 4096)
+    without = plan(v3, Quantization(), machine(ram=512 * GiB), 4096, Policy(include_mtp=False))
+    assert len(with_mtp.layout.layer_devices) == 62 and len(without.layout.layer_devices) == 61
+    assert not [g for g in without.groups if g.layer == 61] and 61 not in without.layout.expert_devices
+    assert without.kv_cache.bytes_per_token == 70_272 and without.predicted.mtp_decode_tok_s is None
+    assert with_mtp.predicted.mtp_decode_tok_s > 0
+
+
+# ----- refusals ----------------------------------------------------------------------------------
+def test_a_context_too_long_for_ram_is_refused_with_the_longest_that_fits(v3):
+    hardware = machine("cpu-only", ram=32 * GiB)
+    with pytest.raises(PlanError) as error:
+        plan(v3, Quantization(), hardware, 163840)
+    message = str(error.value)
+    assert message.startswith("deepseek-v3 does not fit: ") and "KV cache for 163840 tokens" in message
+    assert "more RAM" in message
+    longest = int(message.split("--context ")[1].split()[0])
+    assert 16384 < longest < 163840
+    assert plan(v3, Quantization(), hardware, longest).kv_cache.context == longest
+    with pytest.raises(PlanError):
+        plan(v3, Quantization(), hardware, longest + 1)
+
+
+def test_weights_too_big_for_ram_suggest_a_lower_quantisation(v3):
+    with pytest.raises(PlanError, match=r"the smallest change that fits: --dense q8 \(or [\d.]+ GiB more RAM\)"):
+        plan(v3, Quantization(dense="bf16"), machine("cpu-only", ram=32 * GiB), 4096)
+
+
+def test_experts_barred_from_disk_suggest_the_quantisation_that_fits(v3):
+    with pytest.raises(PlanError, match=r"experts may not be read from disk; the smallest change that fits: --experts q4"):
+        plan(v3, Quantization(experts="bf16"), machine(ram=512 * GiB), 4096, Policy(allow_disk=False))
+    with pytest.raises(PlanError, match=r"the smallest change that fits: experts spilling to disk"):
+        plan(v3, Quantization(), machine(ram=128 * GiB), 4096, Policy(allow_disk=False))
+
+
+# ----- the roofline ------------------------------------------------------------------------------
+def test_cpu_decode_is_bytes_read_over_bandwidth_when_nothing_else_costs(moonlight):
+    """With fixed costs off and compute plentiful, a token costs exactly the bytes it reads."""
+    hardware = made_up(gpu_gib=0, ram_gib=64, cpu_bw=100e9)
+    hardware = Hardware(**{**hardware.__dict__, "cpu_flops": 1e18})
+    quant = Quantization()
+    context = 1000
+    p = plan(moonlight, quant, hardware, context, Policy(costs=FixedCosts(0.0, 0.0, 0.0)))
+    s = moonlight
+    resident = sum(g.bytes(quant) for g in s.groups if g.kind not in ("routed_expert", "embedding"))
+    kv = context * s.kv_bytes_per_token_per_layer * s.num_layers
+    experts = sum(s.experts_per_token * s.group("routed_expert", layer).unit_bytes(quant) for layer in s.moe_layers)
+    expected_s = (resident + kv + experts) / (100e9 * hardware.achievable.cpu_bw)
+    assert 1 / p.predicted.decode_tok_s == pytest.approx(expected_s, rel=1e-9)
+    assert p.predicted.decode_seconds == {"CPU memory bandwidth": pytest.approx(expected_s)}
+
+
+def test_v3_predictions_land_near_published_results(v3):
+    """hardware.md: an EPYC 9654 (12x DDR5-4800) with a 4090 decodes V3 Q4 at ~14 tok/s (1K
+    context); one Xeon socket (8x DDR5-4800) with KTransformers at 8.7 tok/s."""
+    epyc = plan(v3, Quantization(), machine(ram=512 * GiB), 1024).predicted
+    xeon = plan(v3, Quantization(), machine("rtx4090-xeon-8ch"), 1024).predicted
+    assert 10 < epyc.decode_tok_s < 25 and epyc.bottleneck == "CPU memory bandwidth"
+    assert 7 < xeon.decode_tok_s < epyc.decode_tok_s
+    assert 20 < epyc.prefill_tok_s < 1000
+    longer = plan(v3, Quantization(), machine(ram=512 * GiB), 32768).predicted
+    assert longer.decode_tok_s < epyc.decode_tok_s  # attention reads the longer cache
+
+
+def test_mtp_speculation_pays_on_the_gpu_and_is_modelled_honestly_on_the_cpu(v3):
+    p = plan(v3, Quantization(), machine(ram=512 * GiB), 4096).predicted
+    # verifying two tokens reads nearly twice the CPU experts: the gain is far below 1 + acceptance
+    assert p.decode_tok_s < p.mtp_decode_tok_s < p.decode_tok_s * 1.4
+
+
+# ----- the plan as data ----------------------------------------------------------------------------
+def test_plan_dict_has_the_issue_fields_and_is_json(v3):
+    p = plan(v3, Quantization(), machine(ram=256 * GiB), 4096)
+    data = json.loads(json.dumps(p.to_dict()))
+    assert {"devices", "groups", "kv_cache", "predicted"} <= set(data)
+    assert {d["name"] for d in data["devices"]} == {GPU, CPU, DISK}
+    for d in data["devices"]:
+        assert {"name", "capacity_bytes", "used_bytes"} <= set(d)
+    for g in data["groups"]:
+        assert {"name", "kind", "layer", "device", "bytes"} <= set(g) and g["kind"] in KINDS
+    assert {g["kind"] for g in data["groups"]} == KINDS
+    assert {"bytes_per_token", "max_context"} <= set(data["kv_cache"])
+    assert {"decode_tok_s", "prefill_tok_s", "bottleneck"} <= set(data["predicted"])
+    experts = [g for g in data["groups"] if g["kind"] == "routed_expert" and g["layer"] == 30]
+    assert sorted(e for g in experts for e in g["experts"]) == list(range(256))
+    total = sum(g["bytes"] for g in data["groups"])
+    assert total == sum(d["used_bytes"] for d in data["devices"])
+
+
+def test_layout_tells_the_runtime_where_each_expert_lives(v3):
+    p = plan(v3, Quantization(), machine(ram=512 * GiB), 4096)
+    assert set(p.layout.expert_devices) == set(range(3, 62))
+    assert all(len(devices) == 256 for devices in p.layout.expert_devices.values())
+    assert p.layout.experts_on(3, GPU) == list(range(len(p.layout.experts_on(3, GPU))))
+    assert p.layout.head_device == GPU and p.layout.embedding_device == GPU
