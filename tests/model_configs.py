@@ -16,18 +16,11 @@ V3_FP8 = {
     "num_key_value_heads": 3,
 }
 
+# DeepSeek-V2-Lite: no q LoRA, softmax routing over all experts, no normalisation, YaRN mscale 0.707
 V2_LITE = {
+    **{k: v for k, v in TINY_V3.items() if k not in ("num_nextn_predict_layers", "topk_method", "torch_dtype")},
     "architectures": ["DeepseekV2ForCausalLM"],
     "model_type": "deepseek_v2",
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 3,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_routed_experts": 8,
     "n_shared_experts": 2,
     "num_experts_per_tok": 3,
     "n_group": 1,
@@ -37,25 +30,7 @@ V2_LITE = {
     "norm_topk_prob": False,
     "routed_scaling_factor": 1.0,
     "q_lora_rank": None,
-    "kv_lora_rank": 32,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 128,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    },
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "hidden_act": "silu",
+    "rope_scaling": {**TINY_V3["rope_scaling"], "mscale": 0.707, "mscale_all_dim": 0.707},
     "moe_layer_freq": 1,
 }
 
