@@ -27,7 +27,8 @@ def main() -> None:
     except LocalV3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
+        # click turns Ctrl-C into Abort when it does not own the exit (standalone_mode=False)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
@@ -37,9 +38,6 @@ def main() -> None:
         sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(1)
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and anything unexpected: still one line

@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BPETokenizer
 
+from localv3.config import ModelConfig
 from localv3.engines.base import Engine
 from localv3.generate import GenerationChunk, GenerationStats
 from localv3.synthetic import TINY_V3, write_checkpoint
+from localv3.tokenizer import Tokenizer
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -32,7 +35,10 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
     "{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
     "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    + ASSISTANT + "{{ content }}" + EOS + "{% endif %}"
+    + ASSISTANT
+    + "{{ content }}"
+    + EOS
+    + "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
 )
@@ -46,8 +52,8 @@ CORPUS = [
 ]
 
 
-def train_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
+def train_tokenizer() -> BPETokenizer:
+    tokenizer = BPETokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -68,7 +74,9 @@ def _readable(text: str) -> bool:
 def write_chat_model(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = train_tokenizer()
     vocab_size = tokenizer.get_vocab_size()
-    config = dict(TINY_V3, vocab_size=vocab_size, bos_token_id=tokenizer.token_to_id(BOS), eos_token_id=tokenizer.token_to_id(EOS))
+    config = dict(
+        TINY_V3, vocab_size=vocab_size, bos_token_id=tokenizer.token_to_id(BOS), eos_token_id=tokenizer.token_to_id(EOS)
+    )
     write_checkpoint(out_dir, config, seed=seed)
     weights_path = out_dir / "model.safetensors"
     tensors = load_file(str(weights_path))
@@ -88,23 +96,26 @@ def write_chat_model(out_dir: Path, seed: int = 0) -> Path:
 
 
 class ScriptedEngine(Engine):
-    """An engine that streams given text pieces: for the chat/run paths a random model cannot
-    reach on purpose (thinking, a full context, MTP statistics, an interrupt mid-answer)."""
+    """An engine that streams given text pieces: for the chat/run/bench paths a random model
+    cannot reach on purpose (thinking, a full context, MTP statistics, an interrupt mid-answer).
+    It records every prompt and the settings it was called with."""
 
     name = "scripted"
+    placement = "scripted"
 
-    def __init__(self, model: Engine, pieces: list[str], finish_reason: str = "stop", speculation=None, interrupt_after=None):
-        self.path, self.config, self.tokenizer, self.max_context = model.path, model.config, model.tokenizer, model.max_context
+    def __init__(
+        self, model_dir: Path, pieces: list[str], finish_reason="stop", speculation=None, interrupt_after=None
+    ):
+        self.path = Path(model_dir)
+        self.config = ModelConfig.from_file(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        self.max_context = 4096
         self.pieces = pieces
         self.finish_reason = finish_reason
         self.speculation = speculation
         self.interrupt_after = interrupt_after
         self.prompts: list[list[int]] = []
         self.calls: list[dict] = []
-
-    @property
-    def placement(self) -> str:
-        return "scripted"
 
     def stream_generate(self, token_ids: list[int], max_new_tokens: int = 256, **settings) -> Iterator[GenerationChunk]:
         self.prompts.append(list(token_ids))
@@ -124,12 +135,12 @@ class ScriptedEngine(Engine):
         )
         yield GenerationChunk(stats=stats)
 
+    def prompt_text(self, call: int = -1) -> str:
+        return self.tokenizer.decode(self.prompts[call], skip_special_tokens=False)
 
-def scripted_loader(monkeypatch, model_dir: Path, **script) -> ScriptedEngine:
-    """Make every command open a ScriptedEngine (over the fixture model's tokenizer) instead."""
-    import localv3
 
-    engine = ScriptedEngine(localv3.load(model_dir), **script)
+def scripted_loader(monkeypatch, model_dir: Path, pieces: list[str], **script) -> ScriptedEngine:
+    """Make every command open this ScriptedEngine instead of loading the model."""
+    engine = ScriptedEngine(model_dir, pieces, **script)
     monkeypatch.setattr("localv3.engine_choice.open_engine", lambda *args, **kwargs: engine)
     return engine
-

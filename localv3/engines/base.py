@@ -29,6 +29,11 @@ class Engine:
     def kv_bytes_per_token(self) -> int:
         raise NotImplementedError
 
+    @property
+    def placement(self) -> str:
+        """Where the weights live, in a few words (chat's /show, bench's table)."""
+        return self.name
+
     def step_strategy(self, speculative: bool | None) -> StepStrategy:
         """How decoding advances; engines with MTP speculation override this."""
         return plain_steps

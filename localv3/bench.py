@@ -1,0 +1,285 @@
+"""Speed measurement in llama-bench's terms: ppP (prefill of P random tokens) and tgN (N
+tokens decoded one at a time), repeated after a warm-up, as records for a table or JSON.
+
+Everything runs through the common Engine interface, so native and llama.cpp engines are
+measured the same way. Peak memory is per model-engine pair: the resident set's high-water
+mark is reset before loading where Linux allows it, and torch's CUDA allocator peak is read
+when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localv3.errors import LocalV3Error
+from localv3.render import mtp_acceptance
+
+if TYPE_CHECKING:
+    from localv3.engines.base import Engine
+    from localv3.generate import GenerationStats
+    from offload.roofline import Prediction
+
+PLANNER_SCHEMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch dtype -> offload.quant
+
+
+class BenchError(LocalV3Error):
+    pass
+
+
+@dataclass
+class BenchSettings:
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 5
+    mtp: bool = False  # also measure tgN with MTP speculation
+    predict: bool = False  # add the planner's roofline prediction for each test
+    seed: int = 1234  # for the random prompt tokens
+
+
+@dataclass
+class WeightsInfo:
+    size_bytes: int
+    params: int
+
+
+@dataclass
+class BenchRecord:
+    model: str
+    engine: str
+    test: str  # "pp512", "tg128"
+    tok_s_mean: float
+    tok_s_std: float
+    tok_s_samples: list[float]
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    size_bytes: int
+    params: int
+    placement: str
+    ttft_s_mean: float | None = None  # pp tests: prefill of P tokens up to the first new token
+    tpot_s_mean: float | None = None  # tg tests: time per output token after the first
+    mtp: bool = False
+    mtp_acceptance: float | None = None
+    mtp_speedup: float | None = None  # tok/s with MTP over tok/s without
+    experts_read_per_step: float | None = None  # tg tests, where the engine counts them
+    peak_rss_bytes: int | None = None
+    peak_vram_bytes: int | None = None
+    predicted_tok_s: float | None = None  # the planner's roofline figure for the same test
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weights_info(path: Path) -> WeightsInfo:
+    """Size on disk and parameter count of a safetensors checkpoint directory or a GGUF file."""
+    if path.is_file():
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(str(path)).tensors
+        return WeightsInfo(path.stat().st_size, sum(int(t.n_elements) for t in tensors))
+    from localv3.checkpoint import SCALE_SUFFIX, CheckpointReader
+
+    tensors = CheckpointReader(path).tensors.values()
+    params = sum(math.prod(t.shape) for t in tensors if not t.name.endswith(SCALE_SUFFIX))
+    return WeightsInfo(sum(t.nbytes for t in tensors), params)
+
+
+class PeakMemory:
+    """High-water marks of host RSS and (torch-allocated) GPU memory since `reset`."""
+
+    STATUS = Path("/proc/self/status")
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+
+    def reset(self) -> None:
+        try:
+            self.CLEAR_REFS.write_text("5")  # Linux: reset the peak RSS (VmHWM)
+        except OSError:
+            pass  # elsewhere the peak is the process's lifetime peak
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
+
+    def rss_bytes(self) -> int:
+        try:
+            for line in self.STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max_rss if sys.platform == "darwin" else max_rss * 1024
+
+    def vram_bytes(self) -> int | None:
+        cuda = _cuda()
+        return cuda.max_memory_allocated() if cuda is not None else None
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def planner_prediction(engine: Engine, settings: BenchSettings) -> Prediction | None:
+    """offload.planner's prediction for this machine and the native engine's model and weight dtype;
+    None for other engines (their weight formats are not the planner's schemes)."""
+    from localv3.engines.native import NativeEngine
+
+    if not isinstance(engine, NativeEngine):
+        return None
+    scheme = PLANNER_SCHEMES.get(str(engine.dtype).removeprefix("torch."))
+    if scheme is None:
+        return None
+    from offload.hardware import detect_hardware
+    from offload.planner import Policy, plan
+    from offload.quant import Quantization
+    from offload.shape import ModelShape
+
+    shape = ModelShape.from_config(engine.config, engine.path.name)
+    context = max(settings.n_prompt, settings.n_gen + 1)
+    policy = Policy(prefill_chunk=max(settings.n_prompt, 1), include_mtp=settings.mtp)
+    return plan(shape, Quantization(scheme, scheme, scheme), detect_hardware(engine.path), context, policy).predicted
+
+
+def random_tokens(vocab_size: int, count: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(vocab_size) for _ in range(count)]
+
+
+def _final_stats(engine: Engine, token_ids: list[int], max_new_tokens: int, speculative: bool) -> GenerationStats:
+    stats = None
+    for chunk in engine.stream_generate(
+        token_ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[], speculative=speculative
+    ):
+        stats = chunk.stats or stats
+    return stats
+
+
+@dataclass
+class Measurement:
+    tok_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)  # TTFT for pp tests, TPOT for tg tests
+    acceptance: list[float] = field(default_factory=list)  # MTP drafts accepted
+    experts_per_step: list[float] = field(default_factory=list)  # routed experts read per decode step
+
+
+def prompt_test(engine: Engine, n_prompt: int, repetitions: int, rng: random.Random) -> Measurement:
+    """ppP: prefill P random tokens; tok/s = P / prefill time."""
+    result = Measurement()
+    for _ in range(repetitions):
+        stats = _final_stats(engine, random_tokens(engine.config.vocab_size, n_prompt, rng), 1, False)
+        result.tok_s.append(stats.prompt_tok_s)
+        result.latency_s.append(stats.ttft_s)
+    return result
+
+
+def generation_test(engine: Engine, n_gen: int, repetitions: int, rng: random.Random, speculative: bool) -> Measurement:
+    """tgN: N tokens after a one-token prompt; N forward passes (the prefill of one token gives the first)."""
+    result = Measurement()
+    for _ in range(repetitions):
+        stats = _final_stats(engine, random_tokens(engine.config.vocab_size, 1, rng), n_gen, speculative)
+        result.tok_s.append(stats.completion_tokens / (stats.ttft_s + stats.decode_s))
+        decoded = stats.completion_tokens - 1
+        result.latency_s.append(stats.decode_s / decoded if decoded > 0 else stats.ttft_s)
+        acceptance = mtp_acceptance(stats)
+        if acceptance is not None:
+            result.acceptance.append(acceptance)
+        experts = (stats.speculation or {}).get("experts_read_per_step")
+        if experts is not None:
+            result.experts_per_step.append(experts)
+    return result
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def bench_engine(
+    engine: Engine,
+    model: str,
+    weights: WeightsInfo,
+    settings: BenchSettings,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[BenchRecord]:
+    """Warm up, then the pp test, the tg test and (with settings.mtp) tg with MTP."""
+    rng = random.Random(settings.seed)
+    predicted = planner_prediction(engine, settings) if settings.predict else None
+    p, n, r = settings.n_prompt, settings.n_gen, settings.repetitions
+
+    def record(test: str, result: Measurement, **extra) -> BenchRecord:
+        return BenchRecord(
+            model=model,
+            engine=engine.name,
+            test=test,
+            tok_s_mean=_mean(result.tok_s),
+            tok_s_std=_std(result.tok_s),
+            tok_s_samples=result.tok_s,
+            n_prompt=p if test.startswith("pp") else 0,
+            n_gen=n if test.startswith("tg") else 0,
+            repetitions=r,
+            size_bytes=weights.size_bytes,
+            params=weights.params,
+            placement=engine.placement,
+            **extra,
+        )
+
+    progress(f"{model} [{engine.name}]: warm-up")
+    if p:
+        prompt_test(engine, p, 1, rng)
+    if n:
+        generation_test(engine, min(n, 8), 1, rng, False)
+    records = []
+    if p:
+        progress(f"{model} [{engine.name}]: pp{p} x {r}")
+        result = prompt_test(engine, p, r, rng)
+        records.append(
+            record(
+                f"pp{p}",
+                result,
+                ttft_s_mean=_mean(result.latency_s),
+                predicted_tok_s=predicted.prefill_tok_s if predicted else None,
+            )
+        )
+    if n:
+        progress(f"{model} [{engine.name}]: tg{n} x {r}")
+        plain = generation_test(engine, n, r, rng, False)
+        records.append(
+            record(
+                f"tg{n}",
+                plain,
+                tpot_s_mean=_mean(plain.latency_s),
+                experts_read_per_step=_mean(plain.experts_per_step),
+                predicted_tok_s=predicted.decode_tok_s if predicted else None,
+            )
+        )
+        if settings.mtp:
+            progress(f"{model} [{engine.name}]: tg{n} with MTP x {r}")
+            spec = generation_test(engine, n, r, rng, True)
+            acceptance = _mean(spec.acceptance)
+            if acceptance is None:
+                progress(f"{model} [{engine.name}]: this engine did not speculate; no MTP row")
+            else:
+                records.append(
+                    record(
+                        f"tg{n}",
+                        spec,
+                        tpot_s_mean=_mean(spec.latency_s),
+                        experts_read_per_step=_mean(spec.experts_per_step),
+                        mtp=True,
+                        mtp_acceptance=acceptance,
+                        mtp_speedup=_mean(spec.tok_s) / _mean(plain.tok_s),
+                        predicted_tok_s=predicted.mtp_decode_tok_s if predicted else None,
+                    )
+                )
+    return records

@@ -1,0 +1,149 @@
+"""`localv3 bench`: llama-bench-style speed tests (ppP, tgN) for models and engines."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from localv3.bench import BenchRecord
+
+TABLE_COLUMNS = (
+    ("model", "left"),
+    ("size", "right"),
+    ("params", "right"),
+    ("engine", "left"),
+    ("placement", "left"),
+    ("test", "right"),
+    ("t/s", "right"),
+    ("TTFT", "right"),
+    ("TPOT", "right"),
+    ("predicted", "right"),
+    ("MTP acc.", "right"),
+    ("peak RSS", "right"),
+    ("peak VRAM", "right"),
+)
+
+
+def _model_label(model: str) -> str:
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def table_rows(records: list[BenchRecord]) -> list[list[str]]:
+    from localv3.render import format_bytes, format_count, format_duration
+
+    def optional(value, fmt) -> str:
+        return "-" if value is None else fmt(value)
+
+    rows = []
+    for r in records:
+        speed = f"{r.tok_s_mean:.2f} ± {r.tok_s_std:.2f}"
+        if r.mtp:
+            speed += f" (x{r.mtp_speedup:.2f})"
+        rows.append(
+            [
+                _model_label(r.model),
+                format_bytes(r.size_bytes),
+                format_count(r.params),
+                r.engine,
+                r.placement,
+                f"{r.test} mtp" if r.mtp else r.test,
+                speed,
+                optional(r.ttft_s_mean, format_duration),
+                optional(r.tpot_s_mean, format_duration),
+                optional(r.predicted_tok_s, lambda t: f"{t:.2f}"),
+                optional(r.mtp_acceptance, lambda a: f"{a:.0%}"),
+                optional(r.peak_rss_bytes, format_bytes),
+                optional(r.peak_vram_bytes, format_bytes),
+            ]
+        )
+    return rows
+
+
+def markdown_table(records: list[BenchRecord]) -> str:
+    """The table as llama-bench prints it: markdown, numbers right-aligned."""
+    rows = table_rows(records)
+    headers = [name for name, _ in TABLE_COLUMNS]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.rjust(width) if align == "right" else cell.ljust(width)
+            for cell, width, (_, align) in zip(cells, widths, TABLE_COLUMNS, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = [
+        "-" * (w - 1) + ":" if align == "right" else "-" * w
+        for w, (_, align) in zip(widths, TABLE_COLUMNS, strict=True)
+    ]
+    return "\n".join([line(headers), line(rule)] + [line(row) for row in rows])
+
+
+def bench(
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(help="Models to measure (names, hub repo ids, directories or GGUF files).", show_default="tiny"),
+    ] = None,
+    n_prompt: Annotated[
+        int, typer.Option("--n-prompt", "-p", min=0, help="Prompt tokens of the pp test; 0 skips it.")
+    ] = 512,
+    n_gen: Annotated[
+        int, typer.Option("--n-gen", "-n", min=0, help="Generated tokens of the tg test; 0 skips it.")
+    ] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Repetitions of each test.")] = 5,
+    engines: Annotated[str, typer.Option("--engine", help="Comma-separated engines: native, llama.cpp.")] = "native",
+    mtp: Annotated[bool, typer.Option("--mtp", help="Also measure tg with MTP speculative decoding.")] = False,
+    predict: Annotated[
+        bool, typer.Option("--predict", help="Add the planner's roofline prediction (native engine).")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of records instead of the table.")
+    ] = False,
+) -> None:
+    """Measure prefill (ppP) and decode (tgN) speed, llama-bench style."""
+    from localv3.bench import BenchError, BenchSettings, PeakMemory, bench_engine, weights_info
+    from localv3.commands.options import DEFAULT_MODEL
+    from localv3.engine_choice import open_engine, parse_engine_list, weights_path
+
+    if not n_prompt and not n_gen:
+        raise BenchError("nothing to measure: -p and -n are both 0")
+    engine_names = parse_engine_list(engines)
+    settings = BenchSettings(n_prompt, n_gen, repetitions, mtp, predict)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def progress(message: str) -> None:
+        err.print(Text(message, style="dim"))
+
+    # find every model's weights first, so a missing GGUF fails before minutes of measuring
+    jobs = [
+        (model, engine, weights_path(model, engine)) for model in models or [DEFAULT_MODEL] for engine in engine_names
+    ]
+    records = []
+    memory = PeakMemory()
+    for model, engine, weights in jobs:
+        memory.reset()
+        progress(f"loading {model} [{engine}]")
+        loaded = open_engine(model, engine, max_context=max(n_prompt, n_gen + 1) + 2, with_mtp=mtp)
+        measured = bench_engine(loaded, model, weights_info(weights), settings, progress)
+        peak_rss, peak_vram = memory.rss_bytes(), memory.vram_bytes()
+        for record in measured:
+            record.peak_rss_bytes, record.peak_vram_bytes = peak_rss, peak_vram
+        records.extend(measured)
+        del loaded
+        gc.collect()
+    if json_output:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+    else:
+        print(markdown_table(records))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)

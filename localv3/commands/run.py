@@ -1,0 +1,147 @@
+"""`localv3 run`: one prompt in, the answer out on stdout; built for pipes and scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Annotated, BinaryIO
+
+import typer
+
+from localv3.commands.options import (
+    DEFAULT_MODEL,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    Context,
+    EngineName,
+    MaxTokens,
+    ModelArgument,
+    Mtp,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
+from localv3.errors import LocalV3Error
+
+if TYPE_CHECKING:
+    from localv3.generate import GenerationStats
+
+
+class PromptError(LocalV3Error):
+    pass
+
+
+def read_prompt(prompt: str | None, stdin: BinaryIO | None) -> str:
+    """stdin's text (when given) followed by PROMPT; errors on invalid UTF-8 or an empty prompt."""
+    parts = []
+    if stdin is not None:
+        data = stdin.read()
+        try:
+            piped = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptError(
+                f"stdin is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+            ) from None
+        if piped.strip():
+            parts.append(piped.rstrip("\n"))
+    if prompt and prompt.strip():
+        parts.append(prompt)
+    if not parts:
+        raise PromptError("the prompt is empty: give PROMPT or pipe text on stdin")
+    return "\n\n".join(parts)
+
+
+def piped_stdin() -> BinaryIO | None:
+    """stdin's bytes when it is a pipe or file; None when it is a terminal (or closed)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.buffer
+
+
+def final_record(stats: GenerationStats) -> dict:
+    """The last --json line: the run's statistics (and the MTP acceptance when it speculated)."""
+    from localv3.render import mtp_acceptance
+
+    record = {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "prompt_tok_s": stats.prompt_tok_s,
+        "decode_tok_s": stats.decode_tok_s,
+        "ttft_s": stats.ttft_s,
+        "finish_reason": stats.finish_reason,
+    }
+    acceptance = mtp_acceptance(stats)
+    if acceptance is not None:
+        record["mtp_acceptance"] = acceptance
+    return record
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run(
+    model: ModelArgument = DEFAULT_MODEL,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; piped stdin goes before it.")] = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help='JSON lines: {"text": ...} pieces, then the stats.')
+    ] = False,
+    max_tokens: MaxTokens = None,
+    temperature: Temperature = DEFAULT_TEMPERATURE,
+    top_k: TopK = 0,
+    top_p: TopP = DEFAULT_TOP_P,
+    seed: Seed = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print timings to stderr, as `ollama run --verbose`.")
+    ] = False,
+    mtp: Mtp = None,
+    ctx: Context = None,
+    engine: EngineName = "native",
+) -> None:
+    """Answer one prompt on stdout (stdin, when piped, is placed before PROMPT)."""
+    from localv3.engine_choice import open_engine
+    from localv3.render import verbose_lines
+
+    text = read_prompt(prompt, piped_stdin())
+    started = time.perf_counter()
+    loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
+    load_s = time.perf_counter() - started
+    if loaded.tokenizer is None:
+        raise PromptError(f"{model} has no tokenizer.json, so it cannot read text")
+    if raw:
+        token_ids = loaded.tokenizer.encode(text)
+    else:
+        token_ids = loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
+    stats = None
+    answer_ended_with_newline = True
+    for chunk in loaded.stream_generate(
+        token_ids,
+        max_new_tokens=max_tokens or loaded.max_context,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        speculative=mtp,
+    ):
+        if chunk.stats is not None:
+            stats = chunk.stats
+        elif chunk.text and json_lines:
+            _write(json.dumps({"text": chunk.text}, ensure_ascii=False) + "\n")
+        elif chunk.text:
+            _write(chunk.text)
+            answer_ended_with_newline = chunk.text.endswith("\n")
+    if json_lines:
+        _write(json.dumps(final_record(stats)) + "\n")
+    elif not answer_ended_with_newline:
+        _write("\n")
+    if verbose:
+        for line in verbose_lines(stats, load_s, time.perf_counter() - started):
+            print(line, file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)

@@ -1,0 +1,85 @@
+"""`--engine native|llama.cpp`: from a model name or path to a loaded Engine.
+
+The native engine reads safetensors checkpoints; the llama.cpp engine reads a GGUF file,
+either given directly or found in the model's directory. Both offer the same interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localv3.errors import LocalV3Error
+
+if TYPE_CHECKING:
+    from localv3.engines.base import Engine
+
+ENGINE_NAMES = ("native", "llama.cpp")
+
+
+class EngineChoiceError(LocalV3Error):
+    pass
+
+
+def parse_engine_list(text: str) -> list[str]:
+    """'native,llama.cpp' -> ['native', 'llama.cpp'], rejecting unknown names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ENGINE_NAMES]
+    if unknown or not names:
+        raise EngineChoiceError(
+            f"unknown engine {', '.join(unknown) or repr(text)}; choose from {', '.join(ENGINE_NAMES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _is_gguf_file(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def find_gguf(model: str) -> Path:
+    """The GGUF file for `model`: the path itself, or the one GGUF (or first split part) in its directory."""
+    path = Path(model).expanduser()
+    if _is_gguf_file(path):
+        return path
+    from localv3.api import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    files = sorted(model_dir.glob("*.gguf"))
+    first_parts = [f for f in files if "-00001-of-" in f.name]
+    if len(first_parts) == 1:
+        return first_parts[0]
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise EngineChoiceError(
+            f"{model} has no GGUF file in {model_dir}; the llama.cpp engine needs one "
+            f"(`localv3 quantize {model} --format gguf` writes it)"
+        )
+    names = ", ".join(f.name for f in files)
+    raise EngineChoiceError(f"{model_dir} holds several GGUF files ({names}); pass the one to use as MODEL")
+
+
+def weights_path(model: str, engine: str) -> Path:
+    """The files `engine` would load for `model`: a GGUF file (llama.cpp) or a checkpoint directory (native)."""
+    if engine == "llama.cpp":
+        return find_gguf(model)
+    if engine != "native":
+        raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
+    if _is_gguf_file(Path(model).expanduser()):
+        raise EngineChoiceError(f"{model} is a GGUF file: the native engine reads safetensors; use --engine llama.cpp")
+    from localv3.api import resolve_model_dir
+
+    return resolve_model_dir(model)
+
+
+def open_engine(model: str, engine: str = "native", max_context: int | None = None, with_mtp: bool = True) -> Engine:
+    path = weights_path(model, engine)
+    if engine == "llama.cpp":
+        try:
+            from localv3.engines.llama_cpp import load_gguf
+        except ImportError as exc:
+            raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
+        return load_gguf(path, max_context=max_context)
+    import localv3
+
+    return localv3.load(path, max_context=max_context, with_mtp=with_mtp)

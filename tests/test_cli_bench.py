@@ -1,0 +1,223 @@
+"""`localv3 bench`: pp/tg records, the llama-bench-style table, JSON, engines, MTP rows, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_cli import ScriptedEngine, scripted_loader
+from typer.testing import CliRunner
+
+from cli import app
+from localv3.bench import BenchRecord, PeakMemory, weights_info
+from localv3.commands.bench import markdown_table
+from localv3.errors import LocalV3Error
+
+runner = CliRunner()
+SMALL = ["-p", "8", "-n", "4", "-r", "2"]
+
+
+def bench(*args: str):
+    return runner.invoke(app, ["bench", *args])
+
+
+def write_gguf(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.add_tensor("output.weight", np.zeros((3, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_json_records_for_pp_and_tg(chat_model_dir):
+    result = bench(str(chat_model_dir), *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["model"], r["engine"], r["test"]) for r in records] == [
+        (str(chat_model_dir), "native", "pp8"),
+        (str(chat_model_dir), "native", "tg4"),
+    ]
+    pp, tg = records
+    for record in records:
+        assert record["tok_s_mean"] > 0 and record["tok_s_std"] >= 0 and len(record["tok_s_samples"]) == 2
+        assert record["params"] > 0 and record["size_bytes"] > 0 and record["peak_rss_bytes"] > 0
+        assert record["placement"] == "all on cpu, float32" and record["mtp"] is False
+    assert pp["n_prompt"] == 8 and pp["ttft_s_mean"] > 0 and pp["tpot_s_mean"] is None
+    assert tg["n_gen"] == 4 and tg["tpot_s_mean"] > 0 and tg["ttft_s_mean"] is None
+    assert "warm-up" in result.stderr  # progress goes to stderr, the data alone to stdout
+
+
+def test_table_like_llama_bench(chat_model_dir):
+    result = bench(str(chat_model_dir), "-p", "4", "-n", "0", "-r", "1")
+    assert result.exit_code == 0, result.output
+    header, rule, *rows = result.stdout.splitlines()
+    for column in (
+        "model",
+        "size",
+        "params",
+        "engine",
+        "placement",
+        "test",
+        "t/s",
+        "TTFT",
+        "TPOT",
+        "peak RSS",
+        "peak VRAM",
+    ):
+        assert f" {column} " in header
+    assert rule.startswith("| ---") and ": |" in rule
+    assert len(rows) == 1 and " pp4 " in rows[0] and " ± " in rows[0] and chat_model_dir.name in rows[0]
+
+
+def test_several_models(chat_model_dir, tmp_path):
+    from localv3.synthetic import TINY_V3, write_checkpoint
+
+    other = write_checkpoint(tmp_path / "other", TINY_V3)  # bench needs no tokenizer
+    result = bench(str(chat_model_dir), str(other), "-p", "4", "-n", "2", "-r", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(Path(r["model"]).name, r["test"]) for r in json.loads(result.stdout)] == [
+        (chat_model_dir.name, "pp4"),
+        (chat_model_dir.name, "tg2"),
+        ("other", "pp4"),
+        ("other", "tg2"),
+    ]
+
+
+def test_mtp_rows_report_acceptance_and_speedup(monkeypatch, chat_model_dir):
+    engine = scripted_loader(
+        monkeypatch, chat_model_dir, ["a", "b", "c", "d"], speculation={"acceptance": 0.6, "experts_read_per_step": 9.5}
+    )
+    result = bench(str(chat_model_dir), *SMALL, "--mtp", "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["test"], r["mtp"]) for r in records] == [("pp8", False), ("tg4", False), ("tg4", True)]
+    assert records[2]["mtp_acceptance"] == 0.6 and records[2]["mtp_speedup"] == pytest.approx(1.0)
+    assert records[2]["experts_read_per_step"] == 9.5
+    speculative = [call["speculative"] for call in engine.calls]
+    assert True in speculative and set(speculative) == {False, True}  # the baseline never speculates
+    table = bench(str(chat_model_dir), *SMALL, "--mtp")
+    assert " tg4 mtp " in table.stdout and " 60% " in table.stdout
+
+
+def test_mtp_row_of_the_native_engine(chat_model_dir):
+    result = bench(str(chat_model_dir), "-p", "0", "-n", "6", "-r", "1", "--mtp", "--json")
+    assert result.exit_code == 0, result.output
+    plain, speculative = json.loads(result.stdout)
+    assert (plain["mtp"], speculative["mtp"]) == (False, True)
+    assert plain["mtp_acceptance"] is None and 0.0 <= speculative["mtp_acceptance"] <= 1.0
+    assert speculative["mtp_speedup"] > 0 and speculative["experts_read_per_step"] > 0
+
+
+def test_mtp_row_skipped_when_the_engine_does_not_speculate(monkeypatch, chat_model_dir):
+    scripted_loader(monkeypatch, chat_model_dir, ["a", "b"])
+    result = bench(str(chat_model_dir), "-p", "0", "-n", "2", "-r", "1", "--mtp", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["mtp"] for r in json.loads(result.stdout)] == [False]
+    assert "did not speculate" in result.stderr
+
+
+def test_planner_prediction_beside_the_measurement(monkeypatch, chat_model_dir, tmp_path):
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path))  # the hardware probe's cache
+    result = bench(str(chat_model_dir), "-p", "4", "-n", "2", "-r", "1", "--predict", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(r["predicted_tok_s"] > 0 for r in json.loads(result.stdout))
+    plain = json.loads(bench(str(chat_model_dir), "-p", "4", "-n", "0", "-r", "1", "--json").stdout)
+    assert plain[0]["predicted_tok_s"] is None
+
+
+def test_llama_cpp_engine_uses_the_models_gguf(monkeypatch, chat_model_dir, tmp_path):
+    gguf_dir = tmp_path / "with-gguf"
+    gguf_dir.mkdir()
+    write_gguf(gguf_dir / "model-Q8_0.gguf")
+    scripted = ScriptedEngine(chat_model_dir, ["x", "y"])
+    opened = []
+
+    def open_engine(model, engine, **kwargs):
+        opened.append((model, engine))
+        return scripted
+
+    monkeypatch.setattr("localv3.engine_choice.open_engine", open_engine)
+    result = bench(str(gguf_dir), *SMALL, "--engine", "llama.cpp", "--json")
+    assert result.exit_code == 0, result.output
+    assert opened == [(str(gguf_dir), "llama.cpp")]
+    assert {(r["params"], r["size_bytes"]) for r in json.loads(result.stdout)} == {
+        (56, (gguf_dir / "model-Q8_0.gguf").stat().st_size)
+    }
+
+
+def test_native_and_llama_cpp_side_by_side(chat_model_with_gguf):
+    result = bench(str(chat_model_with_gguf), "-p", "8", "-n", "4", "-r", "1", "--engine", "native,llama.cpp", "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["engine"], r["test"]) for r in records] == [
+        ("native", "pp8"),
+        ("native", "tg4"),
+        ("llama.cpp", "pp8"),
+        ("llama.cpp", "tg4"),
+    ]
+    assert all(r["tok_s_mean"] > 0 for r in records)
+    assert records[2]["size_bytes"] == (chat_model_with_gguf / "chat-model-f32.gguf").stat().st_size
+
+
+def test_model_without_gguf_fails_before_measuring(chat_model_dir):
+    result = bench(str(chat_model_dir), *SMALL, "--engine", "native,llama.cpp")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, LocalV3Error) and "no GGUF file" in str(result.exception)
+    assert "warm-up" not in result.stderr
+
+
+def test_native_engine_refuses_a_gguf_file(tmp_path):
+    result = bench(str(write_gguf(tmp_path / "m.gguf")), *SMALL)
+    assert result.exit_code == 1 and "use --engine llama.cpp" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--engine", "vllm"], "unknown engine vllm"), (["-p", "0", "-n", "0"], "nothing to measure")],
+)
+def test_bad_options(chat_model_dir, args, message):
+    result = bench(str(chat_model_dir), *args)
+    assert result.exit_code == 1 and message in str(result.exception)
+
+
+def test_weights_info_counts_parameters_without_fp8_scales(tmp_path):
+    from localv3.synthetic import TINY_V3, write_checkpoint
+
+    plain = weights_info(write_checkpoint(tmp_path / "bf16", TINY_V3))
+    fp8 = weights_info(write_checkpoint(tmp_path / "fp8", TINY_V3, fp8=True))
+    assert plain.params == fp8.params and fp8.size_bytes < plain.size_bytes
+
+
+def test_peak_rss_is_measured():
+    memory = PeakMemory()
+    memory.reset()
+    assert memory.rss_bytes() > 10 << 20
+
+
+def test_markdown_table_aligns_columns():
+    record = BenchRecord(
+        "m",
+        "native",
+        "tg128",
+        12.5,
+        0.25,
+        [12.0, 13.0],
+        0,
+        128,
+        2,
+        3 << 30,
+        671_000_000_000,
+        "gpu dense, cpu experts",
+        tpot_s_mean=0.08,
+    )
+    header, rule, row = markdown_table([record]).splitlines()
+    assert len(header) == len(rule) == len(row)
+    assert "| predicted |" in header
+    assert "| 3.00 GiB |" in row and "| 671.00 B |" in row and "| 12.50 ± 0.25 |" in row and "80.0ms" in row
