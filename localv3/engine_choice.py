@@ -80,6 +80,6 @@ def open_engine(model: str, engine: str = "native", max_context: int | None = No
         except ImportError as exc:
             raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
         return load_gguf(path, max_context=max_context)
-    import localv3
+    from offload.runtime import load_planned
 
-    return localv3.load(path, max_context=max_context, with_mtp=with_mtp)
+    return load_planned(path, context=max_context, with_mtp=with_mtp, record_routing=True)

@@ -1,5 +1,21 @@
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def localv3_home(tmp_path_factory):
+    """One LOCALV3_HOME for the whole run (hardware-probe cache, routing profiles), never the
+    user's own ~/.localv3; tests that need an empty home set their own."""
+    home = tmp_path_factory.mktemp("localv3-home")
+    previous = os.environ.get("LOCALV3_HOME")
+    os.environ["LOCALV3_HOME"] = str(home)
+    yield home
+    if previous is None:
+        del os.environ["LOCALV3_HOME"]
+    else:
+        os.environ["LOCALV3_HOME"] = previous
 
 
 def pytest_collection_modifyitems(config, items):

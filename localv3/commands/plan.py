@@ -13,11 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from localv3.config import ModelConfig
+from localv3.errors import LocalV3Error
 from localv3.render import format_bytes
 from offload.hardware import Hardware, StatedHardware, detect_hardware, hardware_from_profile
 from offload.planner import Plan, Policy, layer_ranges, plan
 from offload.profiles import load_profiles
 from offload.quant import Quantization, scheme
+from offload.routing_stats import find_profile, load_profile
 from offload.shape import ModelShape
 from offload.units import format_rate
 
@@ -62,6 +64,9 @@ def plan_command(
     ),
     mtp: bool = typer.Option(True, "--mtp/--no-mtp", help="place the MTP module (speculative decoding)"),
     disk: bool = typer.Option(True, "--disk/--no-disk", help="let experts that do not fit in RAM be read from disk"),
+    routing_profile: Optional[Path] = typer.Option(
+        None, "--routing-profile", help="routing counts recorded by a run (default: the model's own, when it has one)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Plan where each part of MODEL lives (GPU, RAM, disk) and predict its speed."""
@@ -70,9 +75,19 @@ def plan_command(
     stated = StatedHardware.from_text(gpu_mem, ram, cpu_bw, gpu_bw, pcie, cores)
     hardware = stated.apply(hardware_from_profile(profile) if profile else detect_hardware(model_dir))
     quant = Quantization(experts=experts, dense=dense, embeddings=embeddings)
-    policy = Policy(cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, gpu_experts=gpu_experts, include_mtp=mtp, allow_disk=disk)
+    profile_path = routing_profile or find_profile(model_dir)
+    policy = Policy(
+        cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe,
+        gpu_experts=gpu_experts,
+        include_mtp=mtp,
+        allow_disk=disk,
+        routing_profile=load_profile(profile_path) if profile_path else None,
+    )
     tokens = context if context is not None else min(DEFAULT_CONTEXT, shape.max_position_embeddings)
     _report_hardware(hardware)
+    if profile_path:
+        print(f"routing profile: {profile_path}", file=sys.stderr)
     result = plan(shape, quant, hardware, tokens, policy)
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -89,8 +104,18 @@ def _model_config(spec: str) -> tuple[ModelConfig, str, Path | None]:
         return ModelConfig.from_file(path), name, path.parent
     from localv3.registry import config_for
 
-    local = path if path.is_dir() else None
-    return config_for(spec), path.resolve().name if local else spec, local
+    local = path if path.is_dir() else _downloaded_dir(spec)
+    return config_for(spec), path.resolve().name if path.is_dir() else spec, local
+
+
+def _downloaded_dir(spec: str) -> Path | None:
+    """Where a registry name or hub repo id is downloaded (its routing profile lives there), if it is."""
+    from localv3.registry import resolve_model_path
+
+    try:
+        return resolve_model_path(spec, offline=True)
+    except LocalV3Error:
+        return None
 
 
 def _report_hardware(hardware: Hardware) -> None:

@@ -1,0 +1,337 @@
+"""The runtime half of offloading: build the model a Plan lays out, and the engine around it.
+
+`build_model` materialises a Transformer following a Layout and a Quantization:
+- each decoder layer's attention, norms, router and shared expert or dense FFN on its layer's
+  device (its KV cache rows follow, through `Transformer.new_cache`); the embeddings, the final
+  norm and lm_head on theirs;
+- each MoE layer's routed experts in a `PlacedExperts` (offload.banks), one bank per device:
+  on `gpu` and `cpu` a QuantExpertBank (q8/q4, localv3.quant) or a DenseExpertBank (float
+  schemes), on `disk` a DiskExpertBank that reads the checkpoint per use. The layer's shared
+  expert moves in with them, so on CUDA it runs while the CPU computes the routed experts;
+- the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4.
+Held in the compute dtype whatever the plan says: embed_tokens, lm_head and the MTP eh_proj
+(the model code reads their `.weight`), any matrix whose input dimension the format's groups do
+not divide, and every float scheme (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there
+are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
+CPU device, which runs the same model through the same banks.
+
+`load_planned`: a model -> a Plan for this machine (or given hardware) -> a PlannedEngine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from localv3.api import DEFAULT_MAX_CONTEXT, default_device, default_dtype, resolve_model_dir
+from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
+from localv3.config import ModelConfig
+from localv3.engines.native import NativeEngine
+from localv3.errors import CheckpointError
+from localv3.loader import (
+    EXPERT_PROJECTIONS,
+    checkpoint_name,
+    expected_tensors,
+    expert_tensor_names,
+    has_mtp_weights,
+    set_module,
+    set_tensor,
+    skeleton,
+    validate_checkpoint,
+)
+from localv3.model.moe import DenseExpertBank, MoE
+from localv3.model.rope import RotaryEmbedding
+from localv3.model.transformer import Transformer
+from localv3.quant import (
+    FORMATS,
+    QuantError,
+    QuantExpertBank,
+    QuantFormat,
+    QuantizedWeight,
+    QuantLinear,
+    quantize_weight,
+)
+from localv3.quantized import QUANTIZED_SUFFIXES, Manifest, quantized_expectations, read_manifest, read_quantized
+from localv3.tokenizer import Tokenizer
+from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
+from offload.hardware import Hardware, detect_hardware
+from offload.layout import CPU, DISK, GPU, Layout
+from offload.planner import Plan, Policy, plan
+from offload.quant import Quantization
+from offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
+from offload.shape import ModelShape
+
+# config.json torch_dtype -> the planner scheme of a Hugging Face checkpoint stored in it
+CHECKPOINT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+HOST = torch.device("cpu")
+UNQUANTISED_LINEARS = ("lm_head", "eh_proj")  # read through `.weight` by the model code
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The torch device of every parameter, from a Layout's device names."""
+
+    layout: Layout
+    gpu: torch.device
+    num_hidden_layers: int
+
+    def of(self, name: str) -> torch.device:
+        """`gpu` -> the GPU device; `cpu` and `disk` (computed by the CPU) -> the host."""
+        return self.gpu if name == GPU else HOST
+
+    def of_param(self, param_name: str) -> torch.device:
+        parts = param_name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            return self.of(self.layout.layer_devices[int(parts[2])])
+        if parts[0] == "mtp":
+            return self.of(self.layout.layer_devices[self.num_hidden_layers + int(parts[1])])
+        if parts[0] == "rotary" or parts[:2] == ["model", "embed_tokens"]:
+            return self.of(self.layout.embedding_device)
+        return self.of(self.layout.head_device)  # model.norm, lm_head
+
+
+def build_model(
+    model_dir: str | Path,
+    config: ModelConfig,
+    layout: Layout,
+    quant: Quantization,
+    gpu_device: torch.device | str,
+    dtype: torch.dtype,
+    with_mtp: bool = True,
+    reader: CheckpointReader | None = None,
+) -> Transformer:
+    """The Transformer with every part where `layout` puts it, quantised as `quant` says."""
+    reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
+    weights = Weights(reader, read_manifest(reader.dir))
+    placed_mtp = len(layout.layer_devices) > config.num_hidden_layers
+    model = skeleton(config, with_mtp and placed_mtp and has_mtp_weights(config, reader))
+    expected = expected_tensors(config, model)
+    if weights.manifest is not None:
+        expected = quantized_expectations(expected, weights.manifest)
+    validate_checkpoint(reader, expected)
+    devices = Devices(layout, torch.device(gpu_device), config.num_hidden_layers)
+    linears = _quantised_linears(model, config, weights, quant.dense)
+    for tensor_name, (name, _) in expected.items():
+        if "[" in name or name.endswith(QUANTIZED_SUFFIXES) or name.removesuffix(".weight") in linears:
+            continue  # routed experts and quantised weights: below
+        wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
+        set_tensor(model, name, reader.get(tensor_name, wanted).to(devices.of_param(name)))
+    for name, fmt in linears.items():
+        weight = weights.quantized(checkpoint_name(config, f"{name}.weight"), fmt)
+        set_module(model, name, QuantLinear.from_weight(weight, model.get_submodule(name).bias, devices.of_param(name)))
+    for layer, moe in moe_layers(model):
+        _place_experts(moe, layer, weights, config, layout, devices, quant.experts, dtype)
+    model.rotary = RotaryEmbedding(config).to(devices.of_param("rotary"))
+    _check_materialised(model)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint's matrices in the form a module takes: those a localv3 checkpoint stores
+    quantised (its manifest names them) as stored, whatever the plan says; float ones are
+    quantised on load where the plan asks for q8/q4."""
+
+    reader: CheckpointReader
+    manifest: Manifest | None
+
+    def stored_format(self, weight_name: str) -> QuantFormat | None:
+        return self.manifest.format_of(weight_name) if self.manifest else None
+
+    def format_for(self, weight_name: str, scheme: str | None, *shapes: tuple[int, int]) -> QuantFormat | None:
+        """The stored format, else `scheme`'s where every shape takes it, else None (float)."""
+        return self.stored_format(weight_name) or _format_for(scheme, *shapes)
+
+    def quantized(self, weight_name: str, fmt: QuantFormat) -> QuantizedWeight:
+        if self.stored_format(weight_name) is not None:
+            return read_quantized(self.reader, weight_name, fmt)
+        return quantize_weight(self.reader.get(weight_name, torch.float32), fmt)
+
+
+def _quantised_linears(
+    model: Transformer, config: ModelConfig, weights: Weights, scheme: str
+) -> dict[str, QuantFormat]:
+    """Module name -> format of every nn.Linear stored quantised or that `scheme` quantises
+    (dense-role ones only: not lm_head or eh_proj)."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight_name = checkpoint_name(config, f"{name}.weight")
+        planned = scheme if name.rpartition(".")[2] not in UNQUANTISED_LINEARS else None
+        fmt = weights.format_for(weight_name, planned, (module.out_features, module.in_features))
+        if fmt is not None:
+            chosen[name] = fmt
+    return chosen
+
+
+def _format_for(scheme: str | None, *shapes: tuple[int, int]) -> QuantFormat | None:
+    """The localv3.quant format of `scheme` if it is one and every [out, in] shape takes it."""
+    fmt = FORMATS.get(scheme)
+    if fmt is None:
+        return None
+    try:
+        for shape in shapes:
+            fmt.check(shape)
+    except QuantError:
+        return None
+    return fmt
+
+
+def _place_experts(
+    moe: MoE,
+    layer: int,
+    weights: Weights,
+    config: ModelConfig,
+    layout: Layout,
+    devices: Devices,
+    scheme: str,
+    dtype: torch.dtype,
+) -> None:
+    """Replace the layer's expert bank by its slices per device, the shared expert moved in."""
+    n_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+    prefix = f"model.layers.{layer}.mlp.experts"
+    first = expert_tensor_names(prefix, 0)["gate_proj"]
+    fmt = weights.format_for(first, scheme, (2 * hidden, dim), (dim, hidden))
+    slices = []
+    for where in (GPU, CPU, DISK):
+        ids = layout.experts_on(layer, where)
+        if not ids:
+            continue
+        device = devices.of(where)
+        if where == DISK:
+            bank = DiskExpertBank(weights.reader, prefix, ids, weights.stored_format(first))
+        elif fmt is not None:
+            bank = _quant_bank(weights, prefix, ids, dim, hidden, fmt, device)
+        else:
+            bank = _dense_bank(weights.reader, prefix, ids, dim, hidden, dtype, device)
+        slices.append(BankSlice(bank, ids, n_experts, device))
+    shared, moe.shared_experts = moe.shared_experts, None
+    moe.experts = PlacedExperts(slices, shared)
+
+
+def _quant_bank(weights: Weights, prefix, ids, dim, hidden, fmt, device) -> QuantExpertBank:
+    bank = QuantExpertBank(len(ids), dim, hidden, fmt, device)
+    for j, expert in enumerate(ids):
+        names = expert_tensor_names(prefix, expert)
+        bank.store(j, *(weights.quantized(names[p], fmt) for p in EXPERT_PROJECTIONS))
+    return bank
+
+
+def _dense_bank(reader, prefix, ids, dim, hidden, dtype, device) -> DenseExpertBank:
+    with torch.device("meta"):
+        bank = DenseExpertBank(len(ids), dim, hidden)
+    gate_up = torch.empty(len(ids), 2 * hidden, dim, dtype=dtype, device=device)  # [n, 2I, D]
+    down = torch.empty(len(ids), dim, hidden, dtype=dtype, device=device)  # [n, D, I]
+    for j, expert in enumerate(ids):
+        names = expert_tensor_names(prefix, expert)
+        gate_up[j, :hidden].copy_(reader.get(names["gate_proj"], dtype))
+        gate_up[j, hidden:].copy_(reader.get(names["up_proj"], dtype))
+        down[j].copy_(reader.get(names["down_proj"], dtype))
+    set_tensor(bank, "gate_up", gate_up)
+    set_tensor(bank, "down", down)
+    return bank
+
+
+def _check_materialised(model: Transformer) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta:
+            raise CheckpointError(f"the runtime left {name} unloaded: the checkpoint layout is not one it knows")
+
+
+# ----- the engine ------------------------------------------------------------------------------
+class PlannedEngine(NativeEngine):
+    """The native engine on a planned model; records routing statistics when asked, saving the
+    profile after each generation."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: ModelConfig,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        max_context: int,
+        plan: Plan,
+        gpu_device: torch.device,
+        routing: RoutingStats | None = None,
+    ):
+        super().__init__(path, config, model, tokenizer, max_context)
+        self.plan = plan
+        self.gpu_device = gpu_device
+        self.routing = routing
+
+    @property
+    def placement(self) -> str:
+        layout, quant = self.plan.layout, self.plan.quantization
+        gpu = f"gpu={self.gpu_device}"
+        layers = f"{layout.layer_devices.count(GPU)}/{len(layout.layer_devices)} layers on gpu"
+        experts = ", ".join(f"{n} {d}" for d in (GPU, CPU, DISK) if (n := layout.count_experts(d)))
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"planned ({gpu}): {layers}; experts {experts or 'none'} ({quant.experts}); dense {quant.dense}; {dtype}"
+
+    def stream_generate(self, *args, **kwargs):
+        try:
+            yield from super().stream_generate(*args, **kwargs)
+        finally:
+            if self.routing is not None:
+                self.save_routing_profile()
+
+    def save_routing_profile(self) -> Path:
+        return self.routing.save(self.path)
+
+
+def stored_quantization(manifest: Manifest | None, config: ModelConfig) -> Quantization:
+    """The schemes the checkpoint stores: a localv3 checkpoint's manifest, else the Hugging Face
+    checkpoint's own precision (FP8 block-scaled, or its torch_dtype) for every role."""
+    if manifest is not None:
+        return Quantization(experts=manifest.experts, dense=manifest.dense)
+    native = "fp8" if config.fp8_block_size else CHECKPOINT_DTYPES.get(config.torch_dtype or "", "bf16")
+    return Quantization(experts=native, dense=native, embeddings="fp32" if native == "fp32" else "bf16")
+
+
+def load_planned(
+    model: str | Path,
+    hardware: Hardware | None = None,
+    context: int | None = None,
+    policy: Policy | None = None,
+    quantization: Quantization | None = None,
+    gpu_device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    with_mtp: bool = True,
+    cpu_threads: int | None = None,
+    record_routing: bool = False,
+) -> PlannedEngine:
+    """Plan `model` for `hardware` (default: this machine, detected) and build it.
+
+    `quantization` defaults to what the checkpoint stores (`localv3 quantize` makes smaller ones). The model's saved routing profile feeds the plan unless `policy` brings one; CPU threads
+    default to this machine's physical cores; the compute dtype defaults to bf16 when the first
+    layer runs on CUDA, else fp32.
+    """
+    model_dir = resolve_model_dir(model)
+    config = ModelConfig.from_file(model_dir)
+    hardware = hardware or detect_hardware(model_dir)
+    context = min(context or DEFAULT_MAX_CONTEXT, config.max_position_embeddings)
+    policy = policy or Policy()
+    profile_path = find_profile(model_dir)
+    if policy.routing_profile is None and profile_path is not None:
+        policy = replace(policy, routing_profile=load_profile(profile_path))
+    policy = replace(policy, include_mtp=policy.include_mtp and with_mtp)
+    shape = ModelShape.from_config(config, model_dir.name)
+    result = plan(shape, quantization or stored_quantization(read_manifest(model_dir), config), hardware, context, policy)
+    torch.set_num_threads(cpu_threads or psutil.cpu_count(logical=False) or torch.get_num_threads())
+    gpu = torch.device(gpu_device) if gpu_device is not None else default_device()
+    first = Devices(result.layout, gpu, config.num_hidden_layers).of(result.layout.layer_devices[0])
+    transformer = build_model(
+        model_dir, config, result.layout, result.quantization, gpu, dtype or default_dtype(first), with_mtp
+    )
+    routing = None
+    if record_routing and config.n_routed_experts:
+        routing = RoutingStats.resume(model_dir, config.n_routed_experts)
+        routing.attach(transformer)
+    tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    return PlannedEngine(model_dir, config, transformer, tokenizer, context, result, gpu, routing)

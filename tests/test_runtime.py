@@ -1,0 +1,311 @@
+"""The offload runtime: a planned model (layers on gpu and cpu, experts on gpu, cpu and disk,
+the "gpu" being the CPU device here) gives the unplaced engine's tokens and logits; routing
+statistics are recorded, saved and used by the planner.
+
+Tolerances, measured on tiny random checkpoints (seeds 0-2, this layout):
+- float schemes: exact (max |logit difference| 0.0; asserted <= 1e-5), same greedy tokens.
+- q8/q4: against the unplaced engine on the same weights rounded to q8/q4 (or on the same
+  localv3 quantized checkpoint), so only the kernels differ (they take bf16 activations; disk
+  experts are dequantised to fp32): relative RMS logit error 0.6-1.5%, max |difference|
+  0.025-0.085, asserted <= 2% and <= 0.1 (seed 0). Where a router's top-k choice is a near tie
+  (seeds 1-2, q4 experts) bf16 activations flip it: 8-13% and max 0.9-1.3 there. Greedy
+  decoding may part ways at a near tie (q8/q8 here: at token 12 of 16), so every token it picks
+  must score within 0.1 of the reference's best at that step.
+- against the original fp32 weights (quantisation error itself, not asserted): q8 experts with
+  fp32 dense 0.8-0.9%; q8/q8 2-19%, q4/q8 14-25%, q4/q4 34-45% (random weights, routing flips).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import localv3
+from cli import app
+from localv3.config import ModelConfig
+from localv3.model.moe import DenseExpertBank
+from localv3.quant import FORMATS, QuantError, quantize_weight
+from localv3.quantize import QuantizeSettings, quantize_checkpoint
+from localv3.synthetic import TINY_V3, checkpoint_tensors, write_checkpoint
+from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
+from offload.hardware import Hardware
+from offload.layout import CPU, DISK, GPU
+from offload.planner import Policy, plan
+from offload.quant import Quantization
+from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile
+from offload.runtime import load_planned
+from offload.shape import ModelShape
+
+CONTEXT = 2048  # long enough that a layer's KV rows decide which layers fit on the "GPU"
+PROMPT = list(range(2, 60, 3))
+FLOAT = Quantization(experts="fp32", dense="fp32", embeddings="fp32")
+TIGHT = Policy(cuda_context_bytes=0, ram_reserve_bytes=0, prefill_chunk=1)
+
+
+def made_up_hardware(config: ModelConfig, quant: Quantization, gpu_experts: int = 3, ram_experts: int = 12) -> Hardware:
+    """A machine whose GPU holds layers 0-1, the head, the embeddings and `gpu_experts` experts,
+    and whose RAM holds the other layers and `ram_experts` experts: the rest go to disk."""
+    shape = ModelShape.from_config(config, "tiny")
+    kv = CONTEXT * shape.kv_bytes_per_token_per_layer
+
+    def layer(i: int) -> int:
+        return sum(g.bytes(quant) for g in shape.layer_groups(i) if g.kind != "routed_expert") + kv
+
+    expert = shape.group("routed_expert", 1).unit_bytes(quant)
+    head = sum(shape.group(kind).bytes(quant) for kind in ("norm", "lm_head", "embedding"))
+    gpu = layer(0) + layer(1) + head + gpu_experts * expert + shape.activation_bytes(1) + 100
+    ram = layer(2) + layer(3) + ram_experts * expert + 100
+    return Hardware("test", "Test GPU", gpu, gpu, 1e12, 1e14, "Test CPU", 2, 1, ram, ram, 50e9, 1e11, 25e9, None, 3e9)
+
+
+def planned(model_dir: Path, quant: Quantization, **kwargs):
+    config = ModelConfig.from_file(model_dir)
+    hardware = made_up_hardware(config, quant)
+    return load_planned(
+        model_dir, hardware, CONTEXT, TIGHT, quant, gpu_device="cpu", dtype=torch.float32, cpu_threads=1, **kwargs
+    )
+
+
+def unplaced(model_dir: Path):
+    return localv3.load(model_dir, device="cpu", dtype=torch.float32)
+
+
+def write_rounded_checkpoint(out: Path, quant: Quantization, seed: int = 0) -> Path:
+    """TINY_V3 with every matrix the runtime quantises already rounded to its format, so the
+    unplaced engine on it computes what the quantised runtime should, up to the kernels."""
+    config = ModelConfig.from_dict(TINY_V3)
+    tensors = checkpoint_tensors(config, seed)
+    for name, weight in tensors.items():
+        if weight.dim() != 2 or "_proj" not in name or "eh_proj" in name:
+            continue
+        fmt = FORMATS.get(quant.experts if ".experts." in name else quant.dense)
+        try:
+            fmt.check(tuple(weight.shape))
+        except QuantError:
+            continue
+        tensors[name] = quantize_weight(weight, fmt).dequantize()
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(TINY_V3))
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-v3"), TINY_V3, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    engine = unplaced(model_dir)
+    return engine, engine.logits(PROMPT), engine.generate(PROMPT, 16)
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread only waits for a busy core
+    (100x slower decode under load, measured). load_planned sets 1 too (cpu_threads=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----- placement ---------------------------------------------------------------------------------
+def test_the_made_up_machine_uses_every_place(model_dir):
+    config = ModelConfig.from_file(model_dir)
+    result = plan(ModelShape.from_config(config, "tiny"), FLOAT, made_up_hardware(config, FLOAT), CONTEXT, TIGHT)
+    layout = result.layout
+    assert layout.layer_devices == (GPU, GPU, CPU, CPU)  # layer 3 is the MTP layer
+    assert layout.experts_on(1, GPU) and layout.experts_on(1, CPU)  # a GPU layer with experts in RAM
+    assert layout.experts_on(2, CPU) and layout.experts_on(2, DISK)  # a CPU layer with experts on disk
+    assert layout.experts_on(3, DISK)
+
+
+def test_float_plan_matches_the_unplaced_engine_exactly(model_dir, reference):
+    ref, ref_logits, ref_tokens = reference
+    engine = planned(model_dir, FLOAT)
+    torch.testing.assert_close(engine.logits(PROMPT), ref_logits, atol=1e-5, rtol=0)
+    assert engine.generate(PROMPT, 16) == ref_tokens
+    mlp = engine.model.model.layers[1].mlp
+    assert mlp.shared_experts is None and isinstance(mlp.experts, PlacedExperts)
+    assert [s.device.type for s in mlp.experts.slices] == ["cpu", "cpu"]  # "gpu" and cpu slices
+    assert "2/4 layers on gpu" in engine.placement
+
+
+def test_mtp_head_matches_on_its_placed_device(model_dir, reference):
+    ref = reference[0]
+    engine = planned(model_dir, FLOAT)
+    outputs = []
+    for e in (ref, engine):
+        session = e.new_session(len(PROMPT))
+        session.forward(PROMPT[:-1])
+        next_tokens = torch.tensor([PROMPT[1:]])
+        outputs.append(e.model.mtp_forward(session.last_hidden, next_tokens, 0, session.cache)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("experts,dense", [("q8", "q8"), ("q4", "q8"), ("q4", "q4")])
+def test_quantised_plan_within_kernel_tolerance(tmp_path, experts, dense):
+    quant = Quantization(experts=experts, dense=dense, embeddings="fp32")
+    rounded = write_rounded_checkpoint(tmp_path / "rounded", quant)
+    assert_within_kernel_tolerance(planned(rounded, quant), unplaced(rounded))
+
+
+def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir):
+    target = tmp_path / "tiny-q4"
+    quantize_checkpoint(model_dir, target, QuantizeSettings(experts="q4", dense="q8"), {"model": "tiny"})
+    engine = planned(target, Quantization(experts="q4", dense="q8", embeddings="fp32"))
+    assert engine.plan.layout.experts_on(2, DISK)  # disk experts dequantise the stored q4 per use
+    assert engine.model.model.layers[1].mlp.experts.slices[0].bank.gate_up.fmt.name == "q4"
+    assert_within_kernel_tolerance(engine, unplaced(target))
+
+
+def assert_within_kernel_tolerance(engine, ref) -> None:
+    ref_logits, logits = ref.logits(PROMPT), engine.logits(PROMPT)
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= 0.02
+    assert (logits - ref_logits).abs().max().item() <= 0.1
+    tokens = engine.generate(PROMPT, 16)  # through the decode path and the KV cache
+    scores = ref.logits(PROMPT + tokens[:-1])[len(PROMPT) - 1 :]  # [16, V]: the reference's, step by step
+    regret = scores.max(dim=-1).values - scores.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert regret.max().item() <= 0.1  # each token is the reference's greedy choice, or within tolerance of it
+
+
+def test_disk_experts_are_read_per_use(model_dir):
+    engine = planned(model_dir, FLOAT)
+    disk = [s for s in engine.model.mtp[0].block.mlp.experts.slices if isinstance(s.bank, DiskExpertBank)]
+    assert len(disk) == 1 and disk[0].bank.expert_ids == list(range(8))
+    assert not list(disk[0].bank.parameters()) and not list(disk[0].bank.buffers())
+    reads = []
+    reader = disk[0].bank.reader
+    original = reader.get
+    reader.get = lambda name, *args: reads.append(name) or original(name, *args)
+    x = torch.randn(3, 64)
+    disk[0](x, torch.tensor([[0, 5], [5, 6], [1, 0]]), torch.ones(3, 2))
+    assert len(reads) == 3 * 4  # experts 0, 1, 5, 6: gate, up and down each, read on use
+
+
+def test_slices_and_shared_expert_sum_like_one_bank():
+    torch.manual_seed(0)
+    n, dim, hidden, tokens = 8, 16, 8, 5
+    whole = DenseExpertBank(n, dim, hidden)
+    torch.nn.init.normal_(whole.gate_up, std=0.3)
+    torch.nn.init.normal_(whole.down, std=0.3)
+    parts = ([1, 4, 6], [0, 2, 3, 5, 7])
+    slices = []
+    for ids in parts:
+        bank = DenseExpertBank(len(ids), dim, hidden)
+        bank.gate_up.data.copy_(whole.gate_up.data[ids])
+        bank.down.data.copy_(whole.down.data[ids])
+        slices.append(BankSlice(bank, ids, n, "cpu"))
+    shared = torch.nn.Linear(dim, dim)
+    x = torch.randn(tokens, dim)
+    indices = torch.stack([torch.randperm(n)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3)
+    with torch.no_grad():
+        expected = whole(x, indices, weights) + shared(x)
+        torch.testing.assert_close(PlacedExperts(slices, shared)(x, indices, weights), expected, atol=1e-6, rtol=0)
+        untouched = torch.tensor([[1, 4], [6, 1]])  # tokens routed only to the first slice's experts
+        assert torch.equal(slices[1](x[:2], untouched, weights[:2, :2]), torch.zeros(2, dim))
+
+
+# ----- routing statistics ----------------------------------------------------------------------
+def test_routing_is_recorded_saved_and_resumed(tmp_path):
+    model_dir = write_checkpoint(tmp_path / "model", TINY_V3, dtype=torch.float32)
+    engine = planned(model_dir, FLOAT, record_routing=True)
+    engine.generate(PROMPT, 6, speculative=False)
+    assert not (model_dir / PROFILE_FILE).exists()  # the model's directory is left as it was
+    saved = load_profile(find_profile(model_dir))
+    assert sorted(saved) == [1, 2]  # plain decoding never runs the MTP layer (3)
+    tokens = len(PROMPT) + 5  # the prompt, then each generated token but the last is fed back
+    assert sum(saved[1]) == sum(saved[2]) == tokens * TINY_V3["num_experts_per_tok"]
+
+    again = planned(model_dir, FLOAT, record_routing=True)  # resumes from the saved counts
+    again.generate(PROMPT, 6, speculative=False)
+    assert load_profile(find_profile(model_dir))[1] == [2 * c for c in saved[1]]
+    again.generate(PROMPT, 6, speculative=True)  # MTP drafting routes too, beside its own expert counter
+    assert sorted(load_profile(find_profile(model_dir))) == [1, 2, 3]
+
+
+def test_profile_of_a_hub_snapshot_is_named_after_its_repository(tmp_path):
+    model_dir = tmp_path / "models--owner--tiny" / "snapshots" / "abc123"
+    write_checkpoint(model_dir, TINY_V3, dtype=torch.float32)
+    stats = RoutingStats(8)
+    stats.record(1, torch.tensor([[0, 3], [3, 7]]))
+    path = stats.save(model_dir)
+    assert path == tmp_path / "home" / "profiles" / "models--owner--tiny.json"
+    assert find_profile(model_dir) == path
+    assert load_profile(path) == {1: [1, 0, 0, 2, 0, 0, 0, 1]}
+
+
+def test_planner_puts_the_recorded_hottest_experts_on_the_gpu(tmp_path):
+    model_dir = write_checkpoint(tmp_path / "model", TINY_V3, dtype=torch.float32)
+    stats = RoutingStats(8)
+    stats.record(1, torch.tensor([[6, 2]] * 5))  # layer 1 uses only experts 2 and 6
+    stats.save(model_dir)
+    engine = planned(model_dir, FLOAT)  # room for 3 experts on the "GPU"
+    layout = engine.plan.layout
+    assert layout.experts_on(1, GPU) == [2, 6]
+    assert layout.experts_on(2, GPU) == [0]  # unrecorded layer 2 is uniform: hotter than layer 1's rest
+    assert engine.model.model.layers[1].mlp.experts.slices[0].expert_ids == [2, 6]
+
+
+def test_plan_command_uses_the_models_profile(tmp_path):
+    model_dir = write_checkpoint(tmp_path / "model", TINY_V3, dtype=torch.float32)
+    config = str(model_dir / "config.json")
+    args = ["plan", config, "--profile", "cpu-only", "--gpu-mem", "2GiB", "--gpu-experts", "2", "--json"]
+
+    def gpu_experts(*extra: str) -> list[int]:
+        result = CliRunner().invoke(app, args + list(extra))
+        assert result.exit_code == 0, result.output
+        groups = json.loads(result.stdout)["groups"]
+        layer_2 = [g for g in groups if g["kind"] == "routed_expert" and g["layer"] == 2]
+        return next(g["experts"] for g in layer_2 if g["device"] == GPU)
+
+    assert gpu_experts() == [0, 1]  # uniform
+    stats = RoutingStats(8)
+    stats.record(2, torch.tensor([[4, 7], [4, 7], [4, 3]]))
+    stats.save(model_dir)
+    assert gpu_experts() == [4, 7]
+    other = RoutingStats(8)
+    other.record(2, torch.tensor([[5, 6]]))
+    assert gpu_experts("--routing-profile", str(other.save(tmp_path / "elsewhere"))) == [5, 6]
+
+
+# ----- CUDA: the real GPU, pinned staging and the overlapped host experts -------------------------
+@pytest.mark.gpu
+def test_cuda_plan_overlaps_host_experts_and_matches(model_dir, reference):
+    ref, ref_logits, ref_tokens = reference
+    config = ModelConfig.from_file(model_dir)
+    engine = load_planned(
+        model_dir, made_up_hardware(config, FLOAT), CONTEXT, TIGHT, FLOAT, gpu_device="cuda", dtype=torch.float32
+    )
+    torch.testing.assert_close(engine.logits(PROMPT), ref_logits, atol=1e-4, rtol=1e-4)
+    assert engine.generate(PROMPT, 16) == ref_tokens
+    experts = engine.model.model.layers[1].mlp.experts  # a CUDA layer with experts in RAM
+    assert experts.slices[0].device.type == "cuda" and experts.shared.gate_proj.weight.is_cuda
+    assert experts.stage.buffers and all(b.is_pinned() for b in experts.stage.buffers.values())
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir, reference):
+    config = ModelConfig.from_file(model_dir)
+    quant = Quantization(experts="q4", dense="q8", embeddings="bf16")
+    engine = load_planned(model_dir, made_up_hardware(config, quant), CONTEXT, TIGHT, quant, gpu_device="cuda")
+    assert engine.dtype == torch.bfloat16
+    cache = engine.model.new_cache(8)
+    assert [t.device.type for t in cache.latent] == ["cuda", "cuda", "cpu", "cpu"]
+    logits = engine.logits(PROMPT)
+    assert torch.isfinite(logits).all()
+    agree = (logits.argmax(-1) == reference[1].argmax(-1)).float().mean().item()
+    assert agree >= 0.5  # bf16 and q4/q8 vs fp32 on random weights (fp32 q4/q8: 0.75-0.9): argmax agreement only
