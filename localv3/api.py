@@ -1,4 +1,4 @@
-"""`localv3.load`: a model name, hub repo id or directory -> a ready engine."""
+"""`localv3.load`: a model name, hub repo id, directory or GGUF file -> a ready engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from localv3.config import ModelConfig
+from localv3.engines.base import Engine
 from localv3.engines.native import NativeEngine
 from localv3.loader import load_transformer
 from localv3.tokenizer import Tokenizer
@@ -38,7 +39,14 @@ def load(
     dtype: torch.dtype | str | None = None,
     max_context: int | None = None,
     with_mtp: bool = True,
-) -> NativeEngine:
+) -> Engine:
+    """A .gguf file gets the llama.cpp engine (device, dtype and MTP are llama.cpp's business
+    there); anything else the native engine."""
+    gguf_path = Path(model).expanduser()
+    if gguf_path.suffix.lower() == ".gguf" and gguf_path.is_file():
+        from localv3.engines.llama_cpp import load_gguf
+
+        return load_gguf(gguf_path, max_context=max_context)
     model_dir = resolve_model_dir(model)
     config = ModelConfig.from_file(model_dir)
     device = torch.device(device) if device is not None else default_device()

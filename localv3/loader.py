@@ -3,7 +3,8 @@
 `expected_tensors` lists every checkpoint tensor the model needs with its shape, so a
 checkpoint is validated (missing tensors, wrong shapes) before any weight is read. The model
 is created on the meta device, then each parameter is read (dequantised if FP8) straight onto
-the device `place(name)` chooses. Routed experts are stacked per layer.
+the device `place(name)` chooses. Routed experts are stacked per layer. A localv3 quantized
+checkpoint (it has a manifest) gets QuantLinear / QuantExpertBank modules for its quantised weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from localv3.errors import CheckpointError
 from localv3.model.moe import DenseExpertBank
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
+from localv3.quantized import (
+    QUANTIZED_SUFFIXES,
+    load_quant_expert_bank,
+    load_quant_linear,
+    quantized_expectations,
+    read_manifest,
+)
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -119,18 +127,38 @@ def load_transformer(
 ) -> Transformer:
     reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
     model = skeleton(config, with_mtp and has_mtp_weights(config, reader))
+    manifest = read_manifest(reader.dir)  # a localv3 quantized checkpoint, or None
     expected = expected_tensors(config, model)
+    if manifest is not None:
+        expected = quantized_expectations(expected, manifest)
     validate_checkpoint(reader, expected)
     for tensor_name, (name, _) in expected.items():
-        if "[" in name:  # a routed expert: loaded per bank below
+        if "[" in name or name.endswith(QUANTIZED_SUFFIXES):  # experts and quantised weights: per module below
             continue
         wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
         set_tensor(model, name, reader.get(tensor_name, wanted).to(place(name)))
-    for name, bank in model.named_modules():
-        if isinstance(bank, DenseExpertBank):
-            n_experts = bank.gate_up.shape[0]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DenseExpertBank):
+            n_experts, two_hidden, dim = module.gate_up.shape
+            names = [expert_tensor_names(checkpoint_name(config, name), e) for e in range(n_experts)]
+            fmt = manifest.format_of(names[0]["gate_proj"]) if manifest else None
+            if fmt is not None:
+                bank = load_quant_expert_bank(reader, names, fmt, dim, two_hidden // 2, place(name))
+                set_module(model, name, bank)
+                continue
             gate_up, down = load_expert_bank(reader, checkpoint_name(config, name), n_experts, dtype, place(name))
             set_tensor(model, f"{name}.gate_up", gate_up)
             set_tensor(model, f"{name}.down", down)
+        elif isinstance(module, nn.Linear) and manifest is not None:
+            weight_name = checkpoint_name(config, f"{name}.weight")
+            fmt = manifest.format_of(weight_name)
+            if fmt is not None:
+                linear = load_quant_linear(reader, weight_name, fmt, module.bias, place(f"{name}.weight"))
+                set_module(model, name, linear)
     model.rotary = RotaryEmbedding(config).to(place("rotary"))
     return model.eval()
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_path, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent_path), leaf, module)

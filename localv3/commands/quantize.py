@@ -1,0 +1,132 @@
+"""`localv3 quantize MODEL`: a pulled Hugging Face checkpoint -> a localv3 checkpoint or a GGUF."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from localv3 import registry
+from localv3.api import resolve_model_dir
+from localv3.quantize import DENSE_CHOICES, EXPERT_CHOICES, QuantizeError, QuantizeSettings, quantize_checkpoint
+from localv3.quantize import Progress as ProgressCallbacks
+from localv3.render import format_bytes
+
+FORMATS = ("localv3", "gguf")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)
+
+
+def quantize_command(
+    model: Annotated[str, typer.Argument(help="A models.toml name, a hub repo id, or a model directory.")],
+    experts: Annotated[
+        Optional[str], typer.Option(help=f"Routed experts: {' or '.join(EXPERT_CHOICES)} (default: the registry's choice, else q4).")
+    ] = None,
+    dense: Annotated[
+        Optional[str],
+        typer.Option(help=f"Attention, shared experts, dense FFN: {' or '.join(DENSE_CHOICES)} (default: the registry's, else q8)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Output directory (a .gguf file with --format gguf); default $LOCALV3_HOME/models/NAME-EXPERTS."),
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="localv3 (safetensors for the native engine) or gguf (llama.cpp).")
+    ] = "localv3",
+    gguf_type: Annotated[Optional[str], typer.Option("--type", help="GGUF type: f32, f16, q8_0 or q4_k_m (default q4_k_m).")] = None,
+) -> None:
+    """Quantize a model, streaming shard by shard; the output appears only when complete.
+
+    localv3 format: routed experts to int4 (groups of 32) or int8 (per row) for the CPU
+    kernels, dense weights to q8 or bf16, norms and router unchanged; `localv3 chat OUT`.
+    GGUF: architecture deepseek2 for the llama.cpp engine (`--engine llama.cpp`).
+    """
+    if output_format not in FORMATS:
+        raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
+    if output_format == "gguf" and (experts or dense):
+        raise QuantizeError("--experts/--dense choose the localv3 format's quantisation; use --type with --format gguf")
+    if output_format == "localv3" and gguf_type:
+        raise QuantizeError("--type chooses a GGUF type; use it with --format gguf")
+    source = resolve_model_dir(model)
+    entry = registry.find_model(model)
+    name = entry.name if entry is not None else _name_of(model, source)
+    with _TerminalProgress() as progress:
+        if output_format == "gguf":
+            gguf_type = gguf_type or "q4_k_m"
+            target = _gguf_target(out, name, gguf_type)
+            from localv3.gguf_export import export_gguf
+
+            summary = export_gguf(source, target, gguf_type, name, progress.callbacks)
+            what = f"GGUF {gguf_type}"
+        else:
+            recommended = entry.quant if entry is not None else None
+            settings = QuantizeSettings(
+                experts=experts or (recommended.experts if recommended else "q4"),
+                dense=dense or (recommended.dense if recommended else "q8"),
+            )
+            target = out or registry.outputs_dir() / f"{name}-{settings.experts}"
+            info = {"model": model, "path": str(source), "revision": _revision(source, entry)}
+            summary = quantize_checkpoint(source, target, settings, info, progress.callbacks)
+            what = f"experts {settings.experts}, dense {settings.dense}"
+    before, after = format_bytes(summary.source_bytes), format_bytes(summary.output_bytes)
+    print(f"{name}: {before} -> {after} ({what}) in {summary.seconds:.1f} s", file=sys.stderr)
+    print(summary.path)
+
+
+def _name_of(model: str, source: Path) -> str:
+    """A directory's model name: a hub snapshot's repo name, else the directory's name."""
+    if source.parent.name == "snapshots" and source.parent.parent.name.startswith("models--"):
+        return source.parent.parent.name.split("--")[-1].lower()
+    return (source.name if Path(model).expanduser().is_dir() else model.split("/")[-1]).lower()
+
+
+def _revision(source: Path, entry) -> str | None:
+    """The hub commit of a snapshot directory, else the registry's pinned revision."""
+    if source.parent.name == "snapshots":
+        return source.name
+    return entry.revision if entry is not None else None
+
+
+def _gguf_target(out: Path | None, name: str, gguf_type: str) -> Path:
+    file_name = f"{name}-{gguf_type}.gguf"
+    if out is None:
+        return registry.outputs_dir() / file_name
+    return out / file_name if out.is_dir() else out
+
+
+class _TerminalProgress:
+    """Tensors and bytes done, on stderr; gone once finished."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("quantizing"),
+            BarColumn(),
+            TextColumn("{task.fields[done]}/{task.fields[tensors]} tensors"),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = None
+        self.done = 0
+        self.callbacks = ProgressCallbacks(start=self._start, advance=self._advance)
+
+    def __enter__(self) -> _TerminalProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+    def _start(self, tensors: int, nbytes: int) -> None:
+        self.task = self.bar.add_task("quantizing", total=nbytes, done=0, tensors=tensors)
+        self.bar.start()
+
+    def _advance(self, tensors: int, nbytes: int) -> None:
+        self.done += tensors
+        self.bar.update(self.task, advance=nbytes, done=self.done)
