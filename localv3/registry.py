@@ -307,14 +307,19 @@ def _is_explicit_path(spec: str) -> bool:
 def resolve_model_path(spec: str, offline: bool = False) -> Path:
     """The local directory holding the model `spec` names.
 
-    A directory path is itself. A registry name is, in order: the bundled directory, the
-    quantized output `$LOCALV3_HOME/models/<name>`, or the pulled hub snapshot. A hub repo
+    A directory path is itself. The name of a quantized output (`$LOCALV3_HOME/models/<spec>`,
+    e.g. `deepseek-v3-q4` as `localv3 quantize` names it) is that directory. A registry name
+    is, in order: the bundled directory, the quantized output `$LOCALV3_HOME/models/<name>`,
+    or the pulled hub snapshot. A hub repo
     id `owner/name` is its pulled snapshot. Anything else raises ModelNotFoundError with a hint.
     `offline` only shapes the hint: resolution never touches the network.
     """
     local = Path(spec).expanduser()
     if _is_explicit_path(spec) and local.is_dir():
         return local.resolve()
+    quantized_output = outputs_dir() / spec
+    if "/" not in spec and quantized_output.is_dir():
+        return quantized_output
     entry = find_model(spec)
     if entry is not None:
         return _entry_path(entry, offline)

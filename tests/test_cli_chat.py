@@ -143,7 +143,7 @@ def test_question_streams_the_answer_and_a_stats_line(chat_model_dir):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(">>> ") and len(result.stdout.splitlines()[0]) > len(">>> ")
     assert "8 tokens · " in result.stderr and "tok/s · TTFT " in result.stderr and "context " in result.stderr
-    assert str(chat_model_dir) in result.stdout and "placement   all on cpu, float32" in result.stdout
+    assert str(chat_model_dir) in result.stdout and "placement   planned (gpu=cpu)" in result.stdout
     assert "/ 512 tokens used" in result.stdout and "mtp         off" in result.stdout
     assert "Available commands:" in result.stdout and "unknown command '/frobnicate'" in result.stderr
     assert result.stderr.count("tokens · ") == 1  # nothing after /bye
