@@ -274,6 +274,14 @@ class PlannedEngine(NativeEngine):
         dtype = str(self.dtype).removeprefix("torch.")
         return f"planned ({gpu}): {layers}; experts {experts or 'none'} ({quant.experts}); dense {quant.dense}; {dtype}"
 
+    def step_strategy(self, speculative: bool | None):
+        """MTP speculation by default only where the plan predicts it pays (DESIGN section 4):
+        with experts in RAM, each verified draft reads more experts per step."""
+        if speculative is None:
+            predicted = self.plan.predicted
+            speculative = bool(predicted.mtp_decode_tok_s and predicted.mtp_decode_tok_s > predicted.decode_tok_s)
+        return super().step_strategy(speculative)
+
     def stream_generate(self, *args, **kwargs):
         try:
             yield from super().stream_generate(*args, **kwargs)

@@ -309,3 +309,16 @@ def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir, reference):
     assert torch.isfinite(logits).all()
     agree = (logits.argmax(-1) == reference[1].argmax(-1)).float().mean().item()
     assert agree >= 0.5  # bf16 and q4/q8 vs fp32 on random weights (fp32 q4/q8: 0.75-0.9): argmax agreement only
+
+
+@pytest.mark.parametrize("mtp_speedup, expected", [(1.4, True), (0.8, False)])
+def test_mtp_is_on_by_default_only_where_the_plan_says_it_pays(model_dir, mtp_speedup, expected):
+    from dataclasses import replace
+
+    from localv3.generate import plain_steps
+
+    engine = planned(model_dir, FLOAT)
+    predicted = engine.plan.predicted
+    engine.plan = replace(engine.plan, predicted=replace(predicted, mtp_decode_tok_s=predicted.decode_tok_s * mtp_speedup))
+    assert (engine.step_strategy(None) is not plain_steps) is expected
+    assert engine.step_strategy(False) is plain_steps  # an explicit choice wins
