@@ -34,6 +34,7 @@ class ContextTooLongError(LocalV3Error):
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, reused from the previous call's cache (not prefilled)
     completion_tokens: int = 0
     prompt_s: float = 0.0
     decode_s: float = 0.0
@@ -43,7 +44,9 @@ class GenerationStats:
 
     @property
     def prompt_tok_s(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+        """Prompt tokens actually prefilled, per second."""
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prompt_s if self.prompt_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -87,7 +90,9 @@ def stream_generate(
     stop_token_ids: list[int] | None = None,
     stop_strings: list[str] | None = None,
     steps: StepStrategy = plain_steps,
+    cached_tokens: int = 0,
 ) -> Iterator[GenerationChunk]:
+    """`cached_tokens`: the session already holds prompt_ids[:cached_tokens] (a reused prefix)."""
     sampling = sampling or SamplingSettings()
     if not prompt_ids:
         raise LocalV3Error("the prompt is empty")
@@ -101,11 +106,11 @@ def stream_generate(
     stops = set(stop_token_ids or [])
     stop_strings = [s for s in (stop_strings or []) if s]
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), cached_tokens=cached_tokens)
     gen = new_generator(sampling)
 
     start = time.perf_counter()
-    logits = session.prefill(list(prompt_ids))
+    logits = session.prefill(list(prompt_ids[cached_tokens:]))
     stats.prompt_s = time.perf_counter() - start
     text_out = _StopStringFilter(stop_strings)
     first_token_at = None

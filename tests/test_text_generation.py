@@ -93,3 +93,22 @@ def test_stream_generate_over_a_bare_session_without_tokenizer(engine):
     session = engine.new_session(64)
     chunks = list(stream_generate(session, None, [5, 6, 7], max_new_tokens=4))
     assert chunks[-1].stats.completion_tokens == 4 and all(c.text == "" for c in chunks)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_reused_cache_prefills_only_the_new_turn_and_changes_nothing(chat_model_dir, speculative):
+    """A chat's second turn through the kept session equals a fresh run of the whole conversation."""
+    engine = localv3.load(chat_model_dir, device="cpu", dtype=torch.float32)
+    tok = engine.tokenizer
+    first = [{"role": "user", "content": "Hello"}]
+    first_ids = tok.encode_chat(first)
+    kwargs = dict(max_new_tokens=12, speculative=speculative, context=256)
+    answer = "".join(c.text for c in engine.stream_generate(first_ids, reuse_cache=True, **kwargs))
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more"}]
+    second_ids = tok.encode_chat(second)
+    reused = list(engine.stream_generate(second_ids, reuse_cache=True, **kwargs))
+    fresh = list(localv3.load(chat_model_dir, device="cpu", dtype=torch.float32).stream_generate(second_ids, **kwargs))
+    assert [t for c in reused for t in c.token_ids] == [t for c in fresh for t in c.token_ids]
+    stats = reused[-1].stats
+    assert len(first_ids) - 1 <= stats.cached_tokens < len(second_ids)  # the first turn was not prefilled again
+    assert fresh[-1].stats.cached_tokens == 0

@@ -210,6 +210,7 @@ class ChatRepl:
             top_p=settings.top_p,
             seed=settings.seed,
             speculative=settings.speculative,
+            reuse_cache=True,  # earlier turns stay in the latent cache: only the new turn is prefilled
         )
         for chunk in chunks:
             answer.token_count += len(chunk.token_ids)

@@ -56,9 +56,15 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         speculative: bool | None = None,
         context: int | None = None,
+        reuse_cache: bool = False,
     ) -> Iterator[GenerationChunk]:
+        """`reuse_cache` keeps the session between calls and prefills only what follows the
+        longest prefix the new prompt shares with it (a chat's earlier turns)."""
         capacity = min(context or self.max_context, self.max_context)
-        session = self.new_session(min(capacity, len(token_ids) + max_new_tokens + 1))
+        if reuse_cache:
+            session, cached = self._session_sharing_prefix(token_ids, capacity)
+        else:
+            session, cached = self.new_session(min(capacity, len(token_ids) + max_new_tokens + 1)), 0
         sampling = SamplingSettings(temperature, top_k, top_p, seed)
         stops = self.stop_token_ids() if stop_token_ids is None else stop_token_ids
         yield from stream_generate(
@@ -70,7 +76,29 @@ class Engine:
             stops,
             stop_strings,
             self.step_strategy(speculative),
+            cached_tokens=cached,
         )
+
+    def _session_sharing_prefix(self, token_ids: list[int], capacity: int) -> tuple[DecodeSession, int]:
+        """The kept session rolled back to the prefix it shares with `token_ids` -> (session, tokens kept).
+
+        The last shared token is always run again: its hidden state is where decoding (and MTP
+        drafting) starts. Sessions without `token_ids`/`rollback` are never reused.
+        """
+        kept = getattr(self, "_kept_session", None)
+        if kept is not None and kept.capacity == capacity:
+            shared = 0
+            for ours, theirs in zip(kept.token_ids, token_ids):
+                if ours != theirs:
+                    break
+                shared += 1
+            keep = min(shared, len(token_ids)) - 1
+            if keep > 0:
+                kept.rollback(kept.position - keep)
+                return kept, keep
+        session = self.new_session(capacity)
+        self._kept_session = session if hasattr(session, "rollback") and hasattr(session, "token_ids") else None
+        return session, 0
 
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, **kwargs) -> list[int]:
         """The new token ids (greedy at temperature 0)."""
