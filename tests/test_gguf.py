@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -21,6 +20,7 @@ from localv3.gguf_export import export_gguf
 from localv3.quantize import QuantizeError
 from localv3.synthetic import TINY_V3, write_checkpoint
 from localv3.tokenizer import Tokenizer
+from threads import one_thread
 
 runner = CliRunner()
 TINY_TRAINED = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "tiny"
@@ -28,18 +28,6 @@ TINY_TRAINED = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "tin
 # not a multiple of 32 here (q_b falls back to f16 in a Q8_0 file); real models' dims are.
 RANDOM_V3 = {**TINY_V3, "q_lora_rank": 64}
 EXACT = {"flash_attn": False, "kv_type": "f32"}  # llama.cpp at full precision
-
-
-@contextmanager
-def one_thread():
-    """Tiny models are many small torch ops: on a loaded 2-core machine two spinning OpenMP
-    threads make each op wait for a time slice."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from localv3.quant import QuantExpertBank, QuantLinear
 from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
 from localv3.quantized import MANIFEST_NAME, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
+from threads import one_thread
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -36,18 +36,6 @@ TINY_TRAINED = REPO / "localv3" / "assets" / "tiny"
 # expert choice and moves a token's logits by ~1 whatever the precision).
 ROUTE_ALL = {**TINY_V3, "q_lora_rank": 64, "n_routed_experts": 4, "num_experts_per_tok": 4, "n_group": 1, "topk_group": 1}
 PROMPT = [0, 17, 42, 99, 3, 250, 7, 7, 123, 64, 200, 11, 5, 180, 33, 77]
-
-
-@contextmanager
-def one_thread():
-    """Tiny models are many small torch ops: on a loaded 2-core machine two spinning OpenMP
-    threads make each op wait for a time slice (40 s instead of ~5 s for a test here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def write_fp8_model(out: Path, config: dict, shards: int) -> Path:
