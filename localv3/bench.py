@@ -15,7 +15,7 @@ import resource
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,7 @@ class BenchRecord:
     mtp: bool = False
     mtp_acceptance: float | None = None
     mtp_speedup: float | None = None  # tok/s with MTP over tok/s without
+    mtp_tokens_per_step: float | None = None  # tokens emitted per verify forward
     experts_read_per_step: float | None = None  # tg tests, where the engine counts them
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
@@ -154,12 +155,13 @@ def random_tokens(vocab_size: int, count: int, rng: random.Random) -> list[int]:
 
 
 def _final_stats(engine: Engine, token_ids: list[int], max_new_tokens: int, speculative: bool) -> GenerationStats:
-    stats = None
-    for chunk in engine.stream_generate(
-        token_ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[], speculative=speculative
-    ):
-        stats = chunk.stats or stats
-    return stats
+    from localv3.generate import final_stats
+
+    return final_stats(
+        engine.stream_generate(
+            token_ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[], speculative=speculative
+        )
+    )
 
 
 @dataclass
@@ -168,6 +170,7 @@ class Measurement:
     latency_s: list[float] = field(default_factory=list)  # TTFT for pp tests, TPOT for tg tests
     acceptance: list[float] = field(default_factory=list)  # MTP drafts accepted
     experts_per_step: list[float] = field(default_factory=list)  # routed experts read per decode step
+    tokens_per_step: list[float] = field(default_factory=list)  # MTP: tokens emitted per verify step
 
 
 def prompt_test(engine: Engine, n_prompt: int, repetitions: int, rng: random.Random) -> Measurement:
@@ -191,9 +194,11 @@ def generation_test(engine: Engine, n_gen: int, repetitions: int, rng: random.Ra
         acceptance = mtp_acceptance(stats)
         if acceptance is not None:
             result.acceptance.append(acceptance)
-        experts = (stats.speculation or {}).get("experts_read_per_step")
-        if experts is not None:
-            result.experts_per_step.append(experts)
+        speculation = stats.speculation or {}
+        if speculation.get("experts_read_per_step") is not None:
+            result.experts_per_step.append(speculation["experts_read_per_step"])
+        if speculation.get("tokens_per_step") is not None:
+            result.tokens_per_step.append(speculation["tokens_per_step"])
     return result
 
 
@@ -205,6 +210,18 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def fit_to_context(settings: BenchSettings, max_context: int, progress: Callable[[str], None]) -> BenchSettings:
+    """Shrink ppP and tgN to what the engine's context holds (a test needs one more position
+    than its tokens), saying so, as llama-bench users expect a run rather than a refusal."""
+    fitted = replace(settings, n_prompt=min(settings.n_prompt, max_context - 1), n_gen=min(settings.n_gen, max_context - 1))
+    if fitted != settings:
+        progress(
+            f"the context holds {max_context} tokens: measuring pp{fitted.n_prompt} / tg{fitted.n_gen}"
+            f" instead of pp{settings.n_prompt} / tg{settings.n_gen}"
+        )
+    return fitted
+
+
 def bench_engine(
     engine: Engine,
     model: str,
@@ -213,6 +230,7 @@ def bench_engine(
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[BenchRecord]:
     """Warm up, then the pp test, the tg test and (with settings.mtp) tg with MTP."""
+    settings = fit_to_context(settings, engine.max_context, progress)
     rng = random.Random(settings.seed)
     predicted = planner_prediction(engine, settings) if settings.predict else None
     p, n, r = settings.n_prompt, settings.n_gen, settings.repetitions
@@ -279,6 +297,7 @@ def bench_engine(
                         mtp=True,
                         mtp_acceptance=acceptance,
                         mtp_speedup=_mean(spec.tok_s) / _mean(plain.tok_s),
+                        mtp_tokens_per_step=_mean(spec.tokens_per_step),
                         predicted_tok_s=predicted.mtp_decode_tok_s if predicted else None,
                     )
                 )

@@ -8,7 +8,7 @@ session can hold). chat, run, bench and a future server all consume the same ite
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -149,6 +149,14 @@ def stream_generate(
     speculation = getattr(steps, "report", None)
     stats.speculation = speculation() if callable(speculation) else None
     yield GenerationChunk(stats=stats)
+
+
+def final_stats(chunks: Iterable[GenerationChunk]) -> GenerationStats:
+    """Run a generation to its end, discarding the output -> its stats (for measurements)."""
+    stats = None
+    for chunk in chunks:
+        stats = chunk.stats or stats
+    return stats
 
 
 class _StopStringFilter:

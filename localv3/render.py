@@ -52,8 +52,11 @@ def stats_line(stats: GenerationStats, context_used: int, context_size: int) -> 
     return " · ".join(parts)
 
 
-def verbose_lines(stats: GenerationStats, load_s: float, total_s: float) -> list[str]:
-    """`ollama run --verbose` timings, plus time to first token and MTP acceptance."""
+def verbose_lines(
+    stats: GenerationStats, load_s: float, total_s: float, plain: GenerationStats | None = None
+) -> list[str]:
+    """`ollama run --verbose` timings, plus time to first token and, for a speculative run, MTP's
+    figures (and its speed-up over `plain`, the same answer decoded again without speculation)."""
     lines = [
         f"total duration:       {format_duration(total_s)}",
         f"load duration:        {format_duration(load_s)}",
@@ -65,7 +68,16 @@ def verbose_lines(stats: GenerationStats, load_s: float, total_s: float) -> list
         f"eval duration:        {format_duration(stats.decode_s)}",
         f"eval rate:            {stats.decode_tok_s:.2f} tokens/s",
     ]
-    acceptance = mtp_acceptance(stats)
-    if acceptance is not None:
-        lines.append(f"MTP acceptance:       {acceptance:.1%}")
+    speculation = stats.speculation or {}
+    if speculation.get("acceptance") is not None:
+        lines.append(f"MTP acceptance:       {speculation['acceptance']:.1%}")
+    if speculation.get("tokens_per_step") is not None:
+        lines.append(f"MTP tokens per step:  {speculation['tokens_per_step']:.2f}")
+    if speculation.get("experts_read_per_step") is not None:
+        lines.append(f"experts read / step:  {speculation['experts_read_per_step']:.1f} (routed, all MoE layers)")
+    if plain is not None and plain.decode_tok_s > 0:
+        lines.append(
+            f"MTP speed-up:         {stats.decode_tok_s / plain.decode_tok_s:.2f}x"
+            f" (without MTP: {plain.decode_tok_s:.2f} tokens/s, same prompt, decoded after the answer)"
+        )
     return lines

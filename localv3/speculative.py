@@ -118,12 +118,13 @@ class MTPSpeculation:
         finally:
             self.counter.detach()
 
-    def _mtp(self, session, hidden: torch.Tensor, next_ids: list[int], start: int):
-        """MTP over positions start.. : hidden [1, S, D], next_ids (S) -> (logits [S, V], MTP hidden [1, S, D])."""
+    def _mtp(self, session, hidden: torch.Tensor, next_ids: list[int], start: int, logits_rows: int = 1):
+        """MTP over positions start.. : hidden [1, S, D], next_ids (S)
+        -> (logits [logits_rows, V] of the last positions, MTP hidden [1, S, D])."""
         device = self.model.model.embed_tokens.weight.device
         with torch.inference_mode():
             tokens = torch.tensor([next_ids], dtype=torch.long, device=device)  # [1, S]
-            logits, mtp_hidden = self.model.mtp_forward(hidden, tokens, start, session.cache)
+            logits, mtp_hidden = self.model.mtp_forward(hidden, tokens, start, session.cache, logits_rows=logits_rows)
         return logits[0], mtp_hidden
 
     def _draft(self, session, hidden, next_ids, start, count, sampling, generator):
@@ -149,7 +150,7 @@ class MTPSpeculation:
         hidden = session.last_hidden  # [1, n, D]: the positions this prefill ran (a reused prefix is not in it)
         first = session.position - hidden.shape[1]
         if hidden.shape[1] > 1:  # MTP rows for the prefilled positions but the last: prefill work, not a step
-            self._mtp(session, hidden[:, :-1], prompt[first + 1 :], first)
+            self._mtp(session, hidden[:, :-1], prompt[first + 1 :], first, logits_rows=0)
         self.counter.discard()
         token = sample(prefill_logits, sampling, generator)
         yield [token]

@@ -104,7 +104,13 @@ class ScriptedEngine(Engine):
     placement = "scripted"
 
     def __init__(
-        self, model_dir: Path, pieces: list[str], finish_reason="stop", speculation=None, interrupt_after=None
+        self,
+        model_dir: Path,
+        pieces: list[str],
+        finish_reason="stop",
+        speculation=None,
+        interrupt_after=None,
+        plain_decode_s=0.1,
     ):
         self.path = Path(model_dir)
         self.config = ModelConfig.from_file(model_dir)
@@ -114,6 +120,7 @@ class ScriptedEngine(Engine):
         self.finish_reason = finish_reason
         self.speculation = speculation
         self.interrupt_after = interrupt_after
+        self.plain_decode_s = plain_decode_s  # decode time when asked not to speculate
         self.prompts: list[list[int]] = []
         self.calls: list[dict] = []
 
@@ -124,14 +131,15 @@ class ScriptedEngine(Engine):
             if i == self.interrupt_after:
                 raise KeyboardInterrupt
             yield GenerationChunk([i + 10], piece)
+        plain = settings.get("speculative") is False
         stats = GenerationStats(
             prompt_tokens=len(token_ids),
             completion_tokens=len(self.pieces),
             prompt_s=0.01,
-            decode_s=0.1,
+            decode_s=self.plain_decode_s if plain else 0.1,
             ttft_s=0.02,
             finish_reason=self.finish_reason,
-            speculation=self.speculation,
+            speculation=None if plain else self.speculation,
         )
         yield GenerationChunk(stats=stats)
 

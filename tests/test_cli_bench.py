@@ -11,7 +11,7 @@ from fixtures_cli import ScriptedEngine, scripted_loader
 from typer.testing import CliRunner
 
 from cli import app
-from localv3.bench import BenchRecord, PeakMemory, weights_info
+from localv3.bench import BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
 from localv3.commands.bench import markdown_table
 from localv3.errors import LocalV3Error
 
@@ -93,18 +93,28 @@ def test_several_models(chat_model_dir, tmp_path):
 
 def test_mtp_rows_report_acceptance_and_speedup(monkeypatch, chat_model_dir):
     engine = scripted_loader(
-        monkeypatch, chat_model_dir, ["a", "b", "c", "d"], speculation={"acceptance": 0.6, "experts_read_per_step": 9.5}
+        monkeypatch, chat_model_dir, ["a", "b", "c", "d"], speculation={"acceptance": 0.6, "tokens_per_step": 1.6, "experts_read_per_step": 9.5}
     )
     result = bench(str(chat_model_dir), *SMALL, "--mtp", "--json")
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
     assert [(r["test"], r["mtp"]) for r in records] == [("pp8", False), ("tg4", False), ("tg4", True)]
     assert records[2]["mtp_acceptance"] == 0.6 and records[2]["mtp_speedup"] == pytest.approx(1.0)
-    assert records[2]["experts_read_per_step"] == 9.5
+    assert records[2]["experts_read_per_step"] == 9.5 and records[2]["mtp_tokens_per_step"] == 1.6
     speculative = [call["speculative"] for call in engine.calls]
     assert True in speculative and set(speculative) == {False, True}  # the baseline never speculates
     table = bench(str(chat_model_dir), *SMALL, "--mtp")
     assert " tg4 mtp " in table.stdout and " 60% " in table.stdout
+    assert "tok/step" in table.stdout and " 1.60 " in table.stdout and " 9.5 " in table.stdout
+
+
+def test_tests_shrink_to_the_context_with_a_note():
+    notes = []
+    fitted = fit_to_context(BenchSettings(n_prompt=512, n_gen=128), 512, notes.append)
+    assert (fitted.n_prompt, fitted.n_gen) == (511, 128)
+    assert notes == ["the context holds 512 tokens: measuring pp511 / tg128 instead of pp512 / tg128"]
+    assert fit_to_context(BenchSettings(n_prompt=64, n_gen=16), 512, notes.append) == BenchSettings(64, 16)
+    assert len(notes) == 1
 
 
 def test_mtp_row_of_the_native_engine(chat_model_dir):

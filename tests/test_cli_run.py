@@ -184,17 +184,36 @@ def test_sampling_flags_reach_the_engine(monkeypatch, chat_model_dir):
     assert [call["speculative"] for call in engine.calls] == [None, True, False]
 
 
-def test_json_final_record_carries_mtp_acceptance(monkeypatch, chat_model_dir):
-    scripted_loader(monkeypatch, chat_model_dir, ["a", "b"], speculation={"acceptance": 0.75})
+SPECULATION = {"acceptance": 0.75, "tokens_per_step": 1.75, "experts_read_per_step": 12.5}
+MTP_KEYS = {"mtp_acceptance", "mtp_tokens_per_step", "mtp_experts_read_per_step"}
+
+
+def test_json_final_record_carries_mtp_figures(monkeypatch, chat_model_dir):
+    scripted_loader(monkeypatch, chat_model_dir, ["a", "b"], speculation=SPECULATION)
     result = runner.invoke(app, ["run", str(chat_model_dir), "Hi", "--json"])
     final = json.loads(result.stdout.splitlines()[-1])
-    assert set(final) == FINAL_KEYS | {"mtp_acceptance"} and final["mtp_acceptance"] == 0.75
+    assert set(final) == FINAL_KEYS | MTP_KEYS
+    assert (final["mtp_acceptance"], final["mtp_tokens_per_step"], final["mtp_experts_read_per_step"]) == (0.75, 1.75, 12.5)
 
 
-def test_verbose_reports_mtp_acceptance(monkeypatch, chat_model_dir):
-    scripted_loader(monkeypatch, chat_model_dir, ["a"], speculation={"acceptance": 0.5})
-    result = runner.invoke(app, ["run", str(chat_model_dir), "Hi", "--verbose"])
-    assert "MTP acceptance:       50.0%" in result.stderr
+def test_verbose_reports_mtp_figures_and_the_measured_speedup(monkeypatch, chat_model_dir):
+    engine = scripted_loader(monkeypatch, chat_model_dir, ["a", "b", "c"], speculation=SPECULATION, plain_decode_s=0.3)
+    result = runner.invoke(app, ["run", str(chat_model_dir), "Hi", "--verbose", "--seed", "4"])
+    assert result.stdout == "abc\n"
+    assert "MTP acceptance:       75.0%" in result.stderr
+    assert "MTP tokens per step:  1.75" in result.stderr
+    assert "experts read / step:  12.5" in result.stderr
+    # 2 tokens after the first in 0.1 s with MTP, in 0.3 s when the same prompt is decoded again without
+    assert "MTP speed-up:         3.00x (without MTP: 6.67 tokens/s" in result.stderr
+    first, again = engine.calls
+    assert again["speculative"] is False and again["max_new_tokens"] == 3 and again["seed"] == first["seed"] == 4
+
+
+def test_verbose_without_speculation_decodes_once(monkeypatch, chat_model_dir):
+    engine = scripted_loader(monkeypatch, chat_model_dir, ["a"])
+    result = runner.invoke(app, ["run", str(chat_model_dir), "Hi", "--verbose", "--no-mtp"])
+    assert "eval rate:" in result.stderr and "MTP" not in result.stderr
+    assert len(engine.calls) == 1
 
 
 def test_answer_ending_in_newline_gets_no_extra_one(monkeypatch, chat_model_dir):

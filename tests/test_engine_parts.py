@@ -41,6 +41,20 @@ def test_engine_reports_kv_bytes_in_its_dtype(v3_dir):
     assert engine.path == v3_dir
 
 
+def test_logits_rows_are_the_last_rows_of_the_full_logits(v3_dir):
+    """Prefill and drafting ask for the last row only; it must equal that row of all logits."""
+    model = localv3.load(v3_dir, device="cpu", dtype=torch.float32).model
+    ids = torch.arange(3, 15)[None]  # [1, 12]
+    with torch.inference_mode():
+        full, hidden = model(ids, 0, model.new_cache(12))
+        last, _ = model(ids, 0, model.new_cache(12), logits_rows=1)
+        mtp_full, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:], 0, model.new_cache(12))
+        mtp_none, _ = model.mtp_forward(hidden[:, :-1], ids[:, 1:], 0, model.new_cache(12), logits_rows=0)
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[0, 0], full[0, -1], atol=1e-6, rtol=1e-6)  # one row: another GEMM kernel
+    assert mtp_full.shape[1] == 11 and mtp_none.shape[1] == 0
+
+
 def test_absorbed_mla_equals_naive_mla(v3_dir):
     engine = localv3.load(v3_dir, device="cpu", dtype=torch.float32)
     ids = list(range(3, 23))

@@ -38,7 +38,7 @@ from offload.layout import CPU, DISK, GPU
 from offload.planner import Policy, plan
 from offload.quant import Quantization
 from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile
-from offload.runtime import load_planned
+from offload.runtime import MIN_HIDDEN_FOR_THREADS, default_cpu_threads, load_planned
 from offload.shape import ModelShape
 
 CONTEXT = 2048  # long enough that a layer's KV rows decide which layers fit on the "GPU"
@@ -322,3 +322,10 @@ def test_mtp_is_on_by_default_only_where_the_plan_says_it_pays(model_dir, mtp_sp
     engine.plan = replace(engine.plan, predicted=replace(predicted, mtp_decode_tok_s=predicted.decode_tok_s * mtp_speedup))
     assert (engine.step_strategy(None) is not plain_steps) is expected
     assert engine.step_strategy(False) is plain_steps  # an explicit choice wins
+
+
+def test_small_models_decode_on_one_thread(monkeypatch):
+    monkeypatch.setattr("psutil.cpu_count", lambda logical=True: 16)
+    small = ModelConfig.from_dict(TINY_V3)
+    large = ModelConfig.from_dict({**TINY_V3, "hidden_size": MIN_HIDDEN_FOR_THREADS})
+    assert (default_cpu_threads(small), default_cpu_threads(large)) == (1, 16)

@@ -26,6 +26,8 @@ TABLE_COLUMNS = (
     ("TPOT", "right"),
     ("predicted", "right"),
     ("MTP acc.", "right"),
+    ("tok/step", "right"),
+    ("experts/step", "right"),
     ("peak RSS", "right"),
     ("peak VRAM", "right"),
 )
@@ -60,6 +62,8 @@ def table_rows(records: list[BenchRecord]) -> list[list[str]]:
                 optional(r.tpot_s_mean, format_duration),
                 optional(r.predicted_tok_s, lambda t: f"{t:.2f}"),
                 optional(r.mtp_acceptance, lambda a: f"{a:.0%}"),
+                optional(r.mtp_tokens_per_step, lambda t: f"{t:.2f}"),
+                optional(r.experts_read_per_step, lambda e: f"{e:.1f}"),
                 optional(r.peak_rss_bytes, format_bytes),
                 optional(r.peak_vram_bytes, format_bytes),
             ]

@@ -75,6 +75,8 @@ def final_record(stats: GenerationStats) -> dict:
     acceptance = mtp_acceptance(stats)
     if acceptance is not None:
         record["mtp_acceptance"] = acceptance
+        record["mtp_tokens_per_step"] = stats.speculation.get("tokens_per_step")
+        record["mtp_experts_read_per_step"] = stats.speculation.get("experts_read_per_step")
     return record
 
 
@@ -96,7 +98,12 @@ def run(
     seed: Seed = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     verbose: Annotated[
-        bool, typer.Option("--verbose", help="Print timings to stderr, as `ollama run --verbose`.")
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Print timings to stderr, as `ollama run --verbose`; with MTP, the answer is decoded"
+            " once more without it to measure the speed-up.",
+        ),
     ] = False,
     mtp: Mtp = None,
     ctx: Context = None,
@@ -104,7 +111,8 @@ def run(
 ) -> None:
     """Answer one prompt on stdout (stdin, when piped, is placed before PROMPT)."""
     from localv3.engine_choice import open_engine
-    from localv3.render import verbose_lines
+    from localv3.generate import final_stats
+    from localv3.render import mtp_acceptance, verbose_lines
 
     text = read_prompt(prompt, piped_stdin())
     started = time.perf_counter()
@@ -116,16 +124,11 @@ def run(
         token_ids = loaded.tokenizer.encode(text)
     else:
         token_ids = loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stats = None
     answer_ended_with_newline = True
     for chunk in loaded.stream_generate(
-        token_ids,
-        max_new_tokens=max_tokens or loaded.max_context,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        speculative=mtp,
+        token_ids, max_new_tokens=max_tokens or loaded.max_context, speculative=mtp, **sampling
     ):
         if chunk.stats is not None:
             stats = chunk.stats
@@ -139,7 +142,15 @@ def run(
     elif not answer_ended_with_newline:
         _write("\n")
     if verbose:
-        for line in verbose_lines(stats, load_s, time.perf_counter() - started):
+        total_s = time.perf_counter() - started
+        plain = None
+        if mtp_acceptance(stats) is not None:  # measure the speed-up: the same answer without MTP
+            plain = final_stats(
+                loaded.stream_generate(
+                    token_ids, max_new_tokens=stats.completion_tokens, speculative=False, **sampling
+                )
+            )
+        for line in verbose_lines(stats, load_s, total_s, plain):
             print(line, file=sys.stderr)
 
 

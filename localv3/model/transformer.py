@@ -103,20 +103,35 @@ class Transformer(nn.Module):
         h = h.to(self.model.norm.weight.device)
         return self.model.norm(h)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """hidden [B, S, D] -> fp32 logits [B, rows, V] of the last `rows` positions (None: all S).
+
+        Prefill and drafting need only the last row: for DeepSeek-V3 (vocab 129,280) full logits
+        of an 8k-token prompt would be 4.2 GB of fp32.
+        """
+        if rows is not None:
+            hidden = hidden[:, hidden.shape[1] - rows :]
         return self.lm_head(hidden.to(self.lm_head.weight.device)).float()
 
-    def forward(self, tokens: torch.Tensor, start: int, cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (logits [B, S, V] fp32, hidden [B, S, D])."""
+    def forward(
+        self, tokens: torch.Tensor, start: int, cache: LatentCache, logits_rows: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [B, logits_rows or S, V] fp32 of the last positions, hidden [B, S, D])."""
         hidden = self.hidden_states(tokens, start, cache)
-        return self.logits(hidden), hidden
+        return self.logits(hidden, logits_rows), hidden
 
     def mtp_forward(
-        self, hidden: torch.Tensor, next_tokens: torch.Tensor, start: int, cache: LatentCache, depth: int = 0
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        start: int,
+        cache: LatentCache,
+        depth: int = 0,
+        logits_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` on hidden [B, S, D] (positions start..) and the tokens one ahead [B, S].
 
-        -> (logits [B, S, V] for the token two ahead, MTP hidden [B, S, D]).
+        -> (logits [B, logits_rows or S, V] for the token two ahead, MTP hidden [B, S, D]).
         """
         head = self.mtp[depth]
         device = head.eh_proj.weight.device
@@ -124,4 +139,4 @@ class Transformer(nn.Module):
         hidden = hidden.to(device)
         rope = self.rope(start, next_tokens.shape[1], device, hidden.dtype)
         h = head(hidden, embeds, start, rope, cache, self.config.num_hidden_layers + depth)
-        return self.logits(h), h
+        return self.logits(h, logits_rows), h

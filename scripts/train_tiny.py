@@ -1,0 +1,321 @@
+"""Train the bundled tiny chat model (localv3/assets/tiny) on CPU, from nothing, reproducibly.
+
+    python scripts/train_tiny.py [--out localv3/assets/tiny] [--steps N] [--seed 0]
+
+1. trains a byte-level BPE tokenizer (digits split one per token) on generated questions;
+2. trains a tiny DeepSeek-V3: MLA (q/kv LoRA, rope split), one dense first layer, MoE layers
+   with routed experts + a shared expert, sigmoid routing with group-limited top-k and the
+   aux-loss-free correction bias, and one MTP layer under DeepSeek's MTP objective
+   (loss = L_main + lambda * L_mtp, the MTP layer predicting token t+2);
+3. writes a Hugging Face-format directory: config.json, model.safetensors (real tensor names,
+   MTP layer as model.layers.{num_hidden_layers}.*), tokenizer.json, tokenizer_config.json with
+   a DeepSeek-style chat template, generation_config.json.
+
+Data comes from localv3.tinydata; its held-out operand sets are never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from localv3.config import ModelConfig
+from localv3.loader import checkpoint_name, expert_tensor_names
+from localv3.model.moe import DenseExpertBank, MoE
+from localv3.model.transformer import Transformer
+from localv3.synthetic import TINY_V3
+from localv3.tinydata import Example, corpus_texts, training_turns
+
+REPO = Path(__file__).resolve().parent.parent
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT]  # ids 0..3
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+# The synthetic test model's architecture (sigmoid routing, group-limited top-k, MTP), grown
+# to a size that learns the tasks; fp32 with no YaRN at this context length.
+MODEL_CONFIG = {
+    **TINY_V3,
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "moe_intermediate_size": 96,
+    "num_hidden_layers": 6,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "max_position_embeddings": 512,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "torch_dtype": "float32",
+}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 2800
+    batch_size: int = 16
+    seq_len: int = 96
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    mtp_lambda: float = 0.3  # DeepSeek-V3: 0.3 for most of training
+    bias_update_speed: float = 5e-3  # gamma of the aux-loss-free balancing (DeepSeek: 1e-3 over 14T tokens)
+    seed: int = 0
+
+
+# ----- tokenizer ------------------------------------------------------------------------
+def train_tokenizer(vocab_size: int, seed: int) -> HFTokenizer:
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_texts(20000, seed), trainer)
+    return tokenizer
+
+
+def tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def encode_conversation(tokenizer: HFTokenizer, turns: list[Example]) -> tuple[list[int], list[bool]]:
+    """Chat-template token ids and, per token, whether it is an answer token (trained on)."""
+    ids, targets = [tokenizer.token_to_id(BOS)], [False]
+    for turn in turns:
+        question = [tokenizer.token_to_id(USER)] + tokenizer.encode(turn.question).ids
+        question.append(tokenizer.token_to_id(ASSISTANT))
+        answer = tokenizer.encode(turn.answer).ids + [tokenizer.token_to_id(EOS)]
+        ids += question + answer
+        targets += [False] * len(question) + [True] * len(answer)
+    return ids, targets
+
+
+def make_batch(
+    tokenizer: HFTokenizer, turns: Iterator[Example], rows: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `length` tokens, each one conversation of as many turns as fit (little padding).
+
+    -> tokens [B, S] (right-padded with EOS), answer mask [B, S].
+    """
+    pad = tokenizer.token_to_id(EOS)
+    tokens = torch.full((rows, length), pad, dtype=torch.long)
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    for row in range(rows):
+        conversation = [next(turns)]
+        while True:
+            ids, targets = encode_conversation(tokenizer, conversation)
+            if len(ids) > length:
+                break
+            kept_ids, kept_targets = ids, targets
+            conversation.append(next(turns))  # the turn that overflows is dropped
+        tokens[row, : len(kept_ids)] = torch.tensor(kept_ids)
+        mask[row, : len(kept_ids)] = torch.tensor(kept_targets)
+    return tokens, mask
+
+
+# ----- model ------------------------------------------------------------------------------
+def init_weights(model: Transformer, config: ModelConfig, generator: torch.Generator) -> None:
+    """Normal(0, 0.02) weights; residual output projections scaled by 1/sqrt(2 * layers); norms 1."""
+    out_std = 0.02 / math.sqrt(2 * (config.num_hidden_layers + 1))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # every RMSNorm, the MTP layer's enorm/hnorm included
+                param.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down")):
+                param.normal_(0.0, out_std, generator=generator)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+
+
+class LoadBalancer:
+    """DeepSeek-V3's auxiliary-loss-free balancing: after each step, nudge each expert's
+    correction bias by gamma towards equal load (down if overloaded, up if underloaded)."""
+
+    def __init__(self, model: Transformer, gamma: float):
+        self.gamma = gamma
+        self.layers = [m for m in model.modules() if isinstance(m, MoE)]
+        self.loads = [torch.zeros(m.gate.n_experts) for m in self.layers]
+        self.valid: torch.Tensor | None = None  # [B, S] tokens that count (not padding)
+        for i, moe in enumerate(self.layers):
+            moe.routing_observer = lambda indices, i=i: self._observe(i, indices)
+
+    def _observe(self, layer: int, indices: torch.Tensor) -> None:
+        if self.valid is not None:  # the MTP layer routes positions 0..S-2 only
+            bsz = self.valid.shape[0]
+            indices = indices[self.valid[:, : indices.shape[0] // bsz].flatten()]  # [T, k]
+        self.loads[layer] += torch.bincount(indices.flatten(), minlength=self.loads[layer].numel())
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """Apply the bias update; -> the worst layer's max load / mean load (1.0 = balanced)."""
+        worst = 1.0
+        for moe, load in zip(self.layers, self.loads):
+            mean = load.mean()
+            moe.gate.e_score_correction_bias += self.gamma * torch.sign(mean - load)
+            worst = max(worst, float(load.max() / mean.clamp(min=1)))
+            load.zero_()
+        return worst
+
+
+def losses(model: Transformer, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (main next-token loss, MTP loss on token t+2), both over answer tokens only."""
+    bsz, seq = tokens.shape
+    cache = model.new_cache(seq, batch_size=bsz)
+    logits, hidden = model(tokens, 0, cache)  # [B, S, V], [B, S, D]
+    main = F.cross_entropy(logits[:, :-1][mask[:, 1:]], tokens[:, 1:][mask[:, 1:]])
+    # the MTP module at position i sees h_i and token i+1, and predicts token i+2
+    mtp_logits, _ = model.mtp_forward(hidden[:, :-1], tokens[:, 1:], 0, cache)  # [B, S-1, V]
+    mtp = F.cross_entropy(mtp_logits[:, :-1][mask[:, 2:]], tokens[:, 2:][mask[:, 2:]])
+    return main, mtp
+
+
+def train(model: Transformer, tokenizer: HFTokenizer, settings: TrainSettings) -> dict:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    balancer = LoadBalancer(model, settings.bias_update_speed)
+    turns = training_turns(settings.seed)
+    model.train()
+    started = time.perf_counter()
+    main_avg = mtp_avg = None
+    for step in range(settings.steps):
+        tokens, mask = make_batch(tokenizer, turns, settings.batch_size, settings.seq_len)
+        balancer.valid = (tokens != tokenizer.token_to_id(EOS)) | mask  # padding is EOS outside answers
+        main, mtp = losses(model, tokens, mask)
+        optimizer.zero_grad(set_to_none=True)
+        (main + settings.mtp_lambda * mtp).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        imbalance = balancer.update()
+        main_avg = main.item() if main_avg is None else 0.98 * main_avg + 0.02 * main.item()
+        mtp_avg = mtp.item() if mtp_avg is None else 0.98 * mtp_avg + 0.02 * mtp.item()
+        if step % 100 == 0 or step == settings.steps - 1:
+            elapsed = time.perf_counter() - started
+            print(
+                f"step {step:5d}  loss {main_avg:.4f}  mtp {mtp_avg:.4f}  max/mean load {imbalance:.2f}  "
+                f"lr {scheduler.get_last_lr()[0]:.2e}  {elapsed:.0f}s",
+                flush=True,
+            )
+    for moe in balancer.layers:
+        moe.routing_observer = None
+    model.eval()
+    return {"steps": settings.steps, "loss": main_avg, "mtp_loss": mtp_avg, "seconds": time.perf_counter() - started}
+
+
+# ----- export -----------------------------------------------------------------------------
+def hf_tensors(model: Transformer, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameters -> Hugging Face DeepSeek-V3 tensor names (experts unstacked, MTP copies)."""
+    banks = {name for name, m in model.named_modules() if isinstance(m, DenseExpertBank)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        bank, _, leaf = name.rpartition(".")
+        if bank in banks:
+            prefix = checkpoint_name(config, bank)
+            for expert in range(tensor.shape[0]):
+                names = expert_tensor_names(prefix, expert)
+                if leaf == "gate_up":
+                    gate, up = tensor[expert].chunk(2)  # [I, D] each
+                    tensors[names["gate_proj"]], tensors[names["up_proj"]] = gate, up
+                else:
+                    tensors[names["down_proj"]] = tensor[expert]
+        else:
+            tensors[checkpoint_name(config, name)] = tensor
+    for depth in range(config.num_nextn_predict_layers):
+        layer = config.num_hidden_layers + depth
+        tensors[f"model.layers.{layer}.shared_head.head.weight"] = tensors["lm_head.weight"]
+        tensors[f"model.layers.{layer}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    return {name: t.detach().float().contiguous().clone() for name, t in tensors.items()}
+
+
+def write_model_dir(out: Path, model: Transformer, config: ModelConfig, tokenizer: HFTokenizer, info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_tensors(model, config), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
+    generation = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False, "max_new_tokens": 64}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "localv3" / "assets" / "tiny")
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    # one thread: on the shared 2-core machine, two threads ran 3-5x slower (spin-waiting)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    settings = TrainSettings(steps=args.steps, seed=args.seed)
+
+    tokenizer = train_tokenizer(MODEL_CONFIG["vocab_size"], args.seed)
+    assert tokenizer.get_vocab_size() <= MODEL_CONFIG["vocab_size"]
+    config = ModelConfig.from_dict(MODEL_CONFIG)
+    model = Transformer(config)
+    init_weights(model, config, torch.Generator().manual_seed(args.seed))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; model: {n_params / 1e6:.2f}M parameters", flush=True)
+    info = train(model, tokenizer, settings)
+    info.update(seed=args.seed, parameters=n_params, settings=settings.__dict__)
+    write_model_dir(args.out, model, config, tokenizer, info)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
