@@ -4,7 +4,8 @@ Schemes (weights are [out, in]; group-wise scales run along the input dimension)
 - `fp32`, `bf16`, `fp16`: plain elements.
 - `fp8`: e4m3 elements plus one fp32 scale per 128x128 block (edge blocks partial), as the
   DeepSeek-V3 checkpoints ship.
-- `q8`: int8, symmetric, groups of 32 input weights with one bf16 scale: 8.5 bits per weight.
+- `q8`: int8, symmetric, one bf16 scale per output row (localv3.quant's kernel format):
+  8.002 bits per weight for a 7168-wide row.
 - `q4`: int4 packed two per byte, symmetric, groups of 32 with one bf16 scale: 4.5 bits per
   weight (the figure DESIGN.md section 1 uses for the roofline).
 One-dimensional tensors (norm weights, biases) are never quantised: they keep `vector_dtype`.
@@ -27,6 +28,7 @@ class QuantScheme:
     name: str
     bits: int  # storage bits per weight element
     group_size: int | None = None  # weights per scale along the input dimension
+    row_scales: bool = False  # one scale per output row
     block: tuple[int, int] | None = None  # 2-D scale blocks (rows, cols)
     scale_bytes: int = 0  # bytes per scale
 
@@ -35,6 +37,8 @@ class QuantScheme:
         data = rows * math.ceil(cols * self.bits / 8)
         if self.group_size:
             return data + rows * math.ceil(cols / self.group_size) * self.scale_bytes
+        if self.row_scales:
+            return data + rows * self.scale_bytes
         if self.block:
             return data + math.ceil(rows / self.block[0]) * math.ceil(cols / self.block[1]) * self.scale_bytes
         return data
@@ -45,7 +49,8 @@ class QuantScheme:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average storage bits per weight of a large matrix (scales included)."""
+        """Average storage bits per weight of a large matrix (scales included; a row scale's
+        share is left out: 0.002 bits on a 7168-wide row)."""
         extra = 0.0
         if self.group_size:
             extra = 8 * self.scale_bytes / self.group_size
@@ -61,7 +66,7 @@ SCHEMES: dict[str, QuantScheme] = {
         QuantScheme("bf16", 16),
         QuantScheme("fp16", 16),
         QuantScheme("fp8", 8, block=(128, 128), scale_bytes=4),
-        QuantScheme("q8", 8, group_size=32, scale_bytes=2),
+        QuantScheme("q8", 8, row_scales=True, scale_bytes=2),
         QuantScheme("q4", 4, group_size=32, scale_bytes=2),
     )
 }

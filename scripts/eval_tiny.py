@@ -6,7 +6,8 @@ Each question is asked as `localv3 run tiny "<question>"` asks it: the chat temp
 user message, greedy decoding, stop at the end-of-sentence token; the answer must equal the
 expected text exactly (after stripping surrounding whitespace). The held-out problems are
 never trained on (localv3.tinydata decides the split by operands). Runs in-process through the
-engine for speed; --cli N also asks the first N questions through the real CLI as a spot check.
+engine for speed; --cli N also asks N of them, spread over the tasks, through the real CLI
+(--cli 579: every one).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "localv3" / "assets" / "tiny")
     parser.add_argument("--per-task", type=int, default=100)
-    parser.add_argument("--cli", type=int, default=0, help="also ask the first N questions through the CLI")
+    parser.add_argument("--cli", type=int, default=0, help="also ask N questions (spread over all tasks) through the CLI")
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -84,7 +85,11 @@ def main() -> None:
     print(f"seen facts: {results['seen_facts']['exact_match']:.1%}  ({results['seconds']:.0f}s)")
     for failure in held["failures"][:10]:
         print(f"  miss: {failure['question']!r} expected {failure['expected']!r} got {failure['got']!r}")
-    for spot in results.get("cli", []):
+    spots = results.get("cli", [])
+    if spots:
+        right = sum(spot["got"] == spot["expected"] for spot in spots)
+        print(f"through `localv3 run tiny`: {right}/{len(spots)} exact match ({right / len(spots):.1%})")
+    for spot in spots[:10]:
         mark = "ok" if spot["got"] == spot["expected"] else "MISS"
         print(f"  cli {mark}: {spot['question']!r} -> {spot['got']!r}")
     if args.json:

@@ -23,8 +23,9 @@ from localv3.checkpoint import CheckpointReader
 from localv3.errors import CheckpointError, ModelNotFoundError
 from localv3.quant import QuantExpertBank, QuantLinear
 from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
-from localv3.quantized import MANIFEST_NAME, read_manifest
+from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest, scales_name
 from localv3.synthetic import TINY_V3, write_checkpoint
+from offload.quant import scheme
 from threads import one_thread
 
 runner = CliRunner()
@@ -59,6 +60,17 @@ def quantized(fp8_model, tmp_path_factory):
         experts: quantize_checkpoint(fp8_model, out / f"fp8-tiny-{experts}", QuantizeSettings(experts, "q8"), info).path
         for experts in ("q8", "q4")
     }
+
+
+def test_stored_bytes_are_the_planners_bytes(quantized):
+    """offload.quant sizes each quantised tensor as localv3.quant stores it (qweight + scales)."""
+    for experts, out in quantized.items():
+        manifest, reader = read_manifest(out), CheckpointReader(out)
+        assert manifest.tensors
+        for name, fmt_name in manifest.tensors.items():
+            qweight, scales = reader.tensors[qweight_name(name)], reader.tensors[scales_name(name)]
+            rows, cols = qweight.shape[0], qweight.shape[1] * 8 // manifest.format_of(name).bits  # int4: 2 per byte
+            assert scheme(fmt_name).matrix_bytes(rows, cols) == qweight.nbytes + scales.nbytes, (experts, name)
 
 
 def test_output_layout_and_manifest(fp8_model, quantized):
