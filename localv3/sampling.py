@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from localv3.errors import LocalV3Error
+
+# DeepSeek-V3/R1's generation_config.json: the defaults for a model that ships none
+FALLBACK_TEMPERATURE = 0.6
+FALLBACK_TOP_P = 0.95
 
 
 @dataclass
@@ -17,6 +25,29 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+def model_sampling_defaults(model_path: Path) -> SamplingDefaults:
+    """A model's own sampling settings from the generation_config.json beside its weights:
+    `do_sample: false` means greedy; otherwise its temperature / top_p / top_k, each falling
+    back to DeepSeek-V3's 0.6 / 0.95 / off (also for a model that ships no such file)."""
+    model_path = Path(model_path)
+    path = (model_path if model_path.is_dir() else model_path.parent) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        config = {}
+    except (OSError, ValueError) as exc:
+        raise LocalV3Error(f"{path} is not readable JSON: {exc}") from None
+    temperature = config.get("temperature", FALLBACK_TEMPERATURE) if config.get("do_sample", True) else 0.0
+    return SamplingDefaults(float(temperature), float(config.get("top_p", FALLBACK_TOP_P)), int(config.get("top_k", 0)))
 
 
 def new_generator(settings: SamplingSettings) -> torch.Generator:

@@ -3,7 +3,8 @@
     python scripts/eval_tiny.py [--model localv3/assets/tiny] [--per-task 100] [--cli 5] [--json out.json]
 
 Each question is asked as `localv3 run tiny "<question>"` asks it: the chat template with one
-user message, greedy decoding, stop at the end-of-sentence token; the answer must equal the
+user message, greedy decoding (the model's generation_config.json sets do_sample false, which
+the CLI follows), stop at the end-of-sentence token; the answer must equal the
 expected text exactly (after stripping surrounding whitespace). The held-out problems are
 never trained on (localv3.tinydata decides the split by operands). Runs in-process through the
 engine for speed; --cli N also asks N of them, spread over the tasks, through the real CLI

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -182,6 +183,19 @@ def test_sampling_flags_reach_the_engine(monkeypatch, chat_model_dir):
         9,
     )
     assert [call["speculative"] for call in engine.calls] == [None, True, False]
+
+
+def test_sampling_defaults_are_the_models_own(monkeypatch, chat_model_dir, tmp_path):
+    model_dir = tmp_path / "greedy-model"
+    shutil.copytree(chat_model_dir, model_dir)
+    (model_dir / "generation_config.json").write_text('{"do_sample": false}')
+    engine = scripted_loader(monkeypatch, model_dir, ["a"])
+    runner.invoke(app, ["run", str(model_dir), "Hi"])
+    runner.invoke(app, ["run", str(model_dir), "Hi", "--temp", "0.7", "--top-k", "3"])
+    (model_dir / "generation_config.json").unlink()  # none: DeepSeek-V3's 0.6 / 0.95
+    runner.invoke(app, ["run", str(model_dir), "Hi"])
+    settings = [(c["temperature"], c["top_p"], c["top_k"]) for c in engine.calls]
+    assert settings == [(0.0, 0.95, 0), (0.7, 0.95, 3), (0.6, 0.95, 0)]
 
 
 SPECULATION = {"acceptance": 0.75, "tokens_per_step": 1.75, "experts_read_per_step": 12.5}

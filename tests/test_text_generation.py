@@ -5,7 +5,8 @@ import torch
 
 import localv3
 from localv3.generate import stream_generate
-from localv3.sampling import SamplingSettings, token_probabilities
+from localv3.errors import LocalV3Error
+from localv3.sampling import SamplingDefaults, SamplingSettings, model_sampling_defaults, token_probabilities
 from localv3.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -112,3 +113,25 @@ def test_reused_cache_prefills_only_the_new_turn_and_changes_nothing(chat_model_
     stats = reused[-1].stats
     assert len(first_ids) - 1 <= stats.cached_tokens < len(second_ids)  # the first turn was not prefilled again
     assert fresh[-1].stats.cached_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "generation_config, expected",
+    [
+        (None, SamplingDefaults(0.6, 0.95, 0)),  # no file: DeepSeek-V3's recommendation
+        ('{"do_sample": false, "temperature": 0.7}', SamplingDefaults(0.0, 0.95, 0)),  # greedy
+        ('{"do_sample": true, "temperature": 0.3, "top_p": 0.8, "top_k": 20}', SamplingDefaults(0.3, 0.8, 20)),
+        ('{"eos_token_id": 1}', SamplingDefaults(0.6, 0.95, 0)),
+    ],
+)
+def test_sampling_defaults_come_from_generation_config(tmp_path, generation_config, expected):
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(generation_config)
+    assert model_sampling_defaults(tmp_path) == expected
+    assert model_sampling_defaults(tmp_path / "model.gguf") == expected  # a weights file: its folder's
+
+
+def test_unreadable_generation_config_is_one_clear_error(tmp_path):
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(LocalV3Error, match="generation_config.json is not readable JSON"):
+        model_sampling_defaults(tmp_path)

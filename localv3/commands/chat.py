@@ -23,8 +23,6 @@ from localv3.chat_session import (
 )
 from localv3.commands.options import (
     DEFAULT_MODEL,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
     Context,
     EngineName,
     MaxTokens,
@@ -34,6 +32,7 @@ from localv3.commands.options import (
     Temperature,
     TopK,
     TopP,
+    resolve_sampling,
 )
 from localv3.errors import LocalV3Error
 from localv3.render import stats_line
@@ -232,9 +231,9 @@ class ChatRepl:
 def chat(
     model: ModelArgument = DEFAULT_MODEL,
     system: Annotated[str | None, typer.Option("--system", "-s", help="The system message.")] = None,
-    temperature: Temperature = DEFAULT_TEMPERATURE,
-    top_k: TopK = 0,
-    top_p: TopP = DEFAULT_TOP_P,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
     seed: Seed = None,
     max_tokens: MaxTokens = None,
     mtp: Mtp = None,
@@ -253,6 +252,7 @@ def chat(
         raise LocalV3Error(
             f"{model} has no chat template in tokenizer_config.json; `localv3 run --raw` sends plain text"
         )
+    temperature, top_p, top_k = resolve_sampling(loaded.path, temperature, top_p, top_k)
     settings = ChatSettings(temperature, top_p, top_k, seed, max_tokens, system, speculative=mtp)
     ChatRepl(loaded, settings, Console(highlight=False, soft_wrap=True), err, LineReader()).loop()
 

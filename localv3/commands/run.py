@@ -11,8 +11,6 @@ import typer
 
 from localv3.commands.options import (
     DEFAULT_MODEL,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
     Context,
     EngineName,
     MaxTokens,
@@ -22,6 +20,7 @@ from localv3.commands.options import (
     Temperature,
     TopK,
     TopP,
+    resolve_sampling,
 )
 from localv3.errors import LocalV3Error
 
@@ -92,9 +91,9 @@ def run(
         bool, typer.Option("--json", help='JSON lines: {"text": ...} pieces, then the stats.')
     ] = False,
     max_tokens: MaxTokens = None,
-    temperature: Temperature = DEFAULT_TEMPERATURE,
-    top_k: TopK = 0,
-    top_p: TopP = DEFAULT_TOP_P,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
     seed: Seed = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     verbose: Annotated[
@@ -124,6 +123,7 @@ def run(
         token_ids = loaded.tokenizer.encode(text)
     else:
         token_ids = loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
+    temperature, top_p, top_k = resolve_sampling(loaded.path, temperature, top_p, top_k)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stats = None
     answer_ended_with_newline = True
