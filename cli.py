@@ -4,6 +4,7 @@ and registers itself with `register(app)`; errors reach the user as one line on 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # OpenMP threads that spin while waiting turn every small op into a wait for a time slice when
@@ -26,13 +27,26 @@ app = typer.Typer(
 register_all(app)
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, a service manager): unwind like Ctrl-C (work directories are removed), then exit
+    143; not a KeyboardInterrupt, which chat takes as "stop this answer" and click as an abort."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         # without standalone mode click returns the exit code of an aborted run (130 on Ctrl-C)
         exit_code = app(standalone_mode=False)
     except LocalV3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (KeyboardInterrupt, typer.Abort):
         # click turns Ctrl-C into Abort when it does not own the exit (standalone_mode=False)
         print("interrupted", file=sys.stderr)

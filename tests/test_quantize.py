@@ -263,12 +263,12 @@ def quantize_command(source: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", "import cli; cli.main()", "quantize", str(source), "--out", str(out)]
 
 
-def test_ctrl_c_and_kill_leave_no_finished_looking_output(tmp_path):
+def test_ctrl_c_term_and_kill_leave_no_finished_looking_output(tmp_path):
     with one_thread():
         source = write_checkpoint(tmp_path / "src", MANY_TENSORS, fp8=True, shards=2)
     target = tmp_path / "out" / "many-q4"
     target.parent.mkdir()
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         process = subprocess.Popen(
             quantize_command(source, target), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -278,8 +278,9 @@ def test_ctrl_c_and_kill_leave_no_finished_looking_output(tmp_path):
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=120)
         assert not target.exists()
-        if sig == signal.SIGINT:  # Ctrl-C: no traceback, the work directory removed
+        if sig in (signal.SIGINT, signal.SIGTERM):  # no traceback, the work directory removed
             assert "Traceback" not in stderr
+            assert process.returncode == (130 if sig == signal.SIGINT else 143)
             assert list(target.parent.iterdir()) == []
         else:  # killed: the work directory stays, hidden (`localv3 ls` skips dot names)
             assert [p.name for p in target.parent.iterdir()] == [f".many-q4.partial-{process.pid}"]
