@@ -81,8 +81,8 @@ class NativeEngine(Engine):
         """MTP speculation by default when the model has an MTP layer, one draft per step.
 
         Measured on the bundled tiny model (benchmarks/mtp_speedup.py, CPU, 1 thread, greedy,
-        outputs identical): one draft 100% accepted, 1.40x decode over all six tasks; two chained
-        drafts 84% accepted, 1.35x (1.46x vs 1.42x on the long count/reverse answers only).
+        outputs identical): one draft 100% accepted, 1.38-1.40x decode over all six tasks; two
+        chained drafts 84% accepted, 1.35-1.37x (1.46x vs 1.42x on the long count/reverse answers).
         """
         if speculative is None:
             speculative = len(self.model.mtp) > 0
