@@ -67,10 +67,11 @@ def test_stored_bytes_are_the_planners_bytes(quantized):
     for experts, out in quantized.items():
         manifest, reader = read_manifest(out), CheckpointReader(out)
         assert manifest.tensors
-        for name, fmt_name in manifest.tensors.items():
+        for name in manifest.tensors:
+            fmt = manifest.format_of(name)
             qweight, scales = reader.tensors[qweight_name(name)], reader.tensors[scales_name(name)]
-            rows, cols = qweight.shape[0], qweight.shape[1] * 8 // manifest.format_of(name).bits  # int4: 2 per byte
-            assert scheme(fmt_name).matrix_bytes(rows, cols) == qweight.nbytes + scales.nbytes, (experts, name)
+            rows, cols = qweight.shape[0], qweight.shape[1] * 8 // fmt.bits  # int4: 2 per byte
+            assert scheme(fmt.name).matrix_bytes(rows, cols) == qweight.nbytes + scales.nbytes, (experts, name)
 
 
 def test_output_layout_and_manifest(fp8_model, quantized):
