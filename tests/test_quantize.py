@@ -20,6 +20,7 @@ import localv3
 from cli import app
 from fixtures_cli import train_tokenizer
 from localv3.checkpoint import CheckpointReader
+from localv3.commands.progress_bar import stop_progress
 from localv3.errors import CheckpointError, ModelNotFoundError
 from localv3.quant import QuantExpertBank, QuantLinear
 from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
@@ -288,6 +289,19 @@ def test_ctrl_c_term_and_kill_leave_no_finished_looking_output(tmp_path):
     # the next run removes the dead run's work directory and finishes
     subprocess.run(quantize_command(source, target), cwd=REPO, env=SUBPROCESS_ENV, check=True, capture_output=True)
     assert [p.name for p in target.parent.iterdir()] == ["many-q4"]
+
+
+class HalfStartedDisplay:
+    """What rich leaves when a signal lands inside Progress.start: stop() cannot undo it."""
+
+    def stop(self) -> None:
+        raise IndexError("pop from empty list")
+
+
+def test_an_interrupt_is_not_replaced_by_a_failed_progress_teardown():
+    stop_progress(HalfStartedDisplay(), KeyboardInterrupt)  # the interrupt goes on propagating
+    with pytest.raises(IndexError):
+        stop_progress(HalfStartedDisplay(), None)  # without one, the failure is a real error
 
 
 def _peak_rss_bytes(command: list[str]) -> int:

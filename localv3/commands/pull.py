@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from localv3 import hub, registry
+from localv3.commands.progress_bar import stop_progress
 from localv3.errors import ModelNotFoundError
 
 
@@ -96,9 +97,9 @@ class _TerminalProgress:
     def __enter__(self) -> "_TerminalProgress":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         if self.bar is not None:
-            self.bar.stop()
+            stop_progress(self.bar, exc_type)
 
     def planned(self, plan: hub.PullPlan) -> None:
         self.plan = plan

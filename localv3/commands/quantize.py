@@ -14,6 +14,7 @@ from localv3 import registry
 from localv3.api import resolve_model_dir
 from localv3.quantize import DENSE_CHOICES, EXPERT_CHOICES, QuantizeError, QuantizeSettings, quantize_checkpoint
 from localv3.quantize import Progress as ProgressCallbacks
+from localv3.commands.progress_bar import stop_progress
 from localv3.render import format_bytes
 
 FORMATS = ("localv3", "gguf")
@@ -120,8 +121,8 @@ class _TerminalProgress:
     def __enter__(self) -> _TerminalProgress:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.bar.stop()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        stop_progress(self.bar, exc_type)
 
     def _start(self, tensors: int, nbytes: int) -> None:
         self.task = self.bar.add_task("quantizing", total=nbytes, done=0, tensors=tensors)
