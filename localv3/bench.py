@@ -2,15 +2,18 @@
 tokens decoded one at a time), repeated after a warm-up, as records for a table or JSON.
 
 Everything runs through the common Engine interface, so native and llama.cpp engines are
-measured the same way. Peak memory is per model-engine pair: the resident set's high-water
-mark is reset before loading where Linux allows it, and torch's CUDA allocator peak is read
-when a GPU is present.
+measured the same way, each at the CPU thread count it was loaded with. Peak memory is per
+load: the resident set's high-water mark is reset before loading where Linux allows it, and
+torch's CUDA allocator peak is read when a GPU is present. The prediction beside a native
+measurement is the roofline figure of the plan the engine was built from (offload.runtime's
+load_planned: the checkpoint's stored schemes on this machine), never a second plan.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import resource
 import statistics
 import sys
@@ -25,13 +28,22 @@ from localv3.render import mtp_acceptance
 if TYPE_CHECKING:
     from localv3.engines.base import Engine
     from localv3.generate import GenerationStats
-    from offload.roofline import Prediction
+    from offload.planner import Plan
 
-PLANNER_SCHEMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch dtype -> offload.quant
+THREAD_COUNT = re.compile(r"[0-9]+")
 
 
 class BenchError(LocalV3Error):
     pass
+
+
+def parse_thread_counts(text: str) -> list[int]:
+    """'1,2' -> [1, 2] (repeats dropped), as llama-bench's -t; anything but positive integers is refused."""
+    values = [value.strip() for value in text.split(",")]
+    bad = [value for value in values if not THREAD_COUNT.fullmatch(value) or int(value) == 0]
+    if bad:
+        raise BenchError(f"--threads {text!r}: thread counts are positive integers, e.g. -t 1,2 (not {bad[0]!r})")
+    return list(dict.fromkeys(int(value) for value in values))
 
 
 @dataclass
@@ -64,6 +76,7 @@ class BenchRecord:
     size_bytes: int
     params: int
     placement: str
+    threads: int  # CPU threads the engine computed with
     ttft_s_mean: float | None = None  # pp tests: prefill of P tokens up to the first new token
     tpot_s_mean: float | None = None  # tg tests: time per output token after the first
     mtp: bool = False
@@ -73,7 +86,8 @@ class BenchRecord:
     experts_read_per_step: float | None = None  # tg tests, where the engine counts them
     peak_rss_bytes: int | None = None
     peak_vram_bytes: int | None = None
-    predicted_tok_s: float | None = None  # the planner's roofline figure for the same test
+    predicted_tok_s: float | None = None  # the roofline figure of the plan the engine was built from
+    quantization: dict[str, str] | None = None  # that plan's schemes (experts, dense, embeddings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,25 +143,21 @@ def _cuda():
     return torch.cuda if torch.cuda.is_available() else None
 
 
-def planner_prediction(engine: Engine, settings: BenchSettings) -> Prediction | None:
-    """offload.planner's prediction for this machine and the native engine's model and weight dtype;
-    None for other engines (their weight formats are not the planner's schemes)."""
-    from localv3.engines.native import NativeEngine
+def engine_plan(engine: Engine) -> Plan | None:
+    """The offload plan the native engine was built from (its schemes are what the checkpoint
+    stores, its prediction is for this machine); None for other engines."""
+    from offload.runtime import PlannedEngine
 
-    if not isinstance(engine, NativeEngine):
-        return None
-    scheme = PLANNER_SCHEMES.get(str(engine.dtype).removeprefix("torch."))
-    if scheme is None:
-        return None
-    from offload.hardware import detect_hardware
-    from offload.planner import Policy, plan
-    from offload.quant import Quantization
-    from offload.shape import ModelShape
+    return engine.plan if isinstance(engine, PlannedEngine) else None
 
-    shape = ModelShape.from_config(engine.config, engine.path.name)
-    context = max(settings.n_prompt, settings.n_gen + 1)
-    policy = Policy(prefill_chunk=max(settings.n_prompt, 1), include_mtp=settings.mtp)
-    return plan(shape, Quantization(scheme, scheme, scheme), detect_hardware(engine.path), context, policy).predicted
+
+def cpu_threads(engine: Engine) -> int:
+    """The CPU threads `engine` computes with: llama.cpp's context setting, else torch's intra-op threads."""
+    if engine.name == "llama.cpp":
+        return engine.settings.n_threads
+    import torch
+
+    return torch.get_num_threads()
 
 
 def random_tokens(vocab_size: int, count: int, rng: random.Random) -> list[int]:
@@ -232,8 +242,11 @@ def bench_engine(
     """Warm up, then the pp test, the tg test and (with settings.mtp) tg with MTP."""
     settings = fit_to_context(settings, engine.max_context, progress)
     rng = random.Random(settings.seed)
-    predicted = planner_prediction(engine, settings) if settings.predict else None
+    plan = engine_plan(engine)
+    predicted = plan.predicted if plan is not None and settings.predict else None
     p, n, r = settings.n_prompt, settings.n_gen, settings.repetitions
+    threads = cpu_threads(engine)
+    label = f"{model} [{engine.name}, {threads} threads]"
 
     def record(test: str, result: Measurement, **extra) -> BenchRecord:
         return BenchRecord(
@@ -249,17 +262,19 @@ def bench_engine(
             size_bytes=weights.size_bytes,
             params=weights.params,
             placement=engine.placement,
+            threads=threads,
+            quantization=plan.quantization.to_dict() if plan is not None else None,
             **extra,
         )
 
-    progress(f"{model} [{engine.name}]: warm-up")
+    progress(f"{label}: warm-up")
     if p:
         prompt_test(engine, p, 1, rng)
     if n:
         generation_test(engine, min(n, 8), 1, rng, False)
     records = []
     if p:
-        progress(f"{model} [{engine.name}]: pp{p} x {r}")
+        progress(f"{label}: pp{p} x {r}")
         result = prompt_test(engine, p, r, rng)
         records.append(
             record(
@@ -270,7 +285,7 @@ def bench_engine(
             )
         )
     if n:
-        progress(f"{model} [{engine.name}]: tg{n} x {r}")
+        progress(f"{label}: tg{n} x {r}")
         plain = generation_test(engine, n, r, rng, False)
         records.append(
             record(
@@ -282,11 +297,11 @@ def bench_engine(
             )
         )
         if settings.mtp:
-            progress(f"{model} [{engine.name}]: tg{n} with MTP x {r}")
+            progress(f"{label}: tg{n} with MTP x {r}")
             spec = generation_test(engine, n, r, rng, True)
             acceptance = _mean(spec.acceptance)
             if acceptance is None:
-                progress(f"{model} [{engine.name}]: this engine did not speculate; no MTP row")
+                progress(f"{label}: this engine did not speculate; no MTP row")
             else:
                 records.append(
                     record(

@@ -72,14 +72,17 @@ def weights_path(model: str, engine: str) -> Path:
     return resolve_model_dir(model)
 
 
-def open_engine(model: str, engine: str = "native", max_context: int | None = None, with_mtp: bool = True) -> Engine:
+def open_engine(
+    model: str, engine: str = "native", max_context: int | None = None, with_mtp: bool = True, threads: int | None = None
+) -> Engine:
+    """`threads`: CPU threads to compute with (default: the engine's own choice)."""
     path = weights_path(model, engine)
     if engine == "llama.cpp":
         try:
             from localv3.engines.llama_cpp import load_gguf
         except ImportError as exc:
             raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
-        return load_gguf(path, max_context=max_context)
+        return load_gguf(path, max_context=max_context, n_threads=threads)
     from offload.runtime import load_planned
 
-    return load_planned(path, context=max_context, with_mtp=with_mtp, record_routing=True)
+    return load_planned(path, context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)

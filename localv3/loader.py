@@ -4,7 +4,8 @@
 checkpoint is validated (missing tensors, wrong shapes) before any weight is read. The model
 is created on the meta device, then each parameter is read (dequantised if FP8) straight onto
 the device `place(name)` chooses. Routed experts are stacked per layer. A localv3 quantized
-checkpoint (it has a manifest) gets QuantLinear / QuantExpertBank modules for its quantised weights.
+checkpoint (it has a manifest) gets QuantLinear / QuantExpertBank modules for its quantised weights
+(localv3.formats), except kv_b_proj, which MLA absorbs: it is dequantised here.
 """
 
 from __future__ import annotations
@@ -21,13 +22,8 @@ from localv3.errors import CheckpointError
 from localv3.model.moe import DenseExpertBank
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
-from localv3.quantized import (
-    QUANTIZED_SUFFIXES,
-    load_quant_expert_bank,
-    load_quant_linear,
-    quantized_expectations,
-    read_manifest,
-)
+from localv3.formats.modules import QuantExpertBank, QuantLinear
+from localv3.quantized import QUANTIZED_SUFFIX, quantized_expectations, read_manifest, read_quantized
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -133,7 +129,7 @@ def load_transformer(
         expected = quantized_expectations(expected, manifest)
     validate_checkpoint(reader, expected)
     for tensor_name, (name, _) in expected.items():
-        if "[" in name or name.endswith(QUANTIZED_SUFFIXES):  # experts and quantised weights: per module below
+        if "[" in name or name.endswith(QUANTIZED_SUFFIX):  # experts and quantised weights: per module below
             continue
         wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
         set_tensor(model, name, reader.get(tensor_name, wanted).to(place(name)))
@@ -141,22 +137,40 @@ def load_transformer(
         if isinstance(module, DenseExpertBank):
             n_experts, two_hidden, dim = module.gate_up.shape
             names = [expert_tensor_names(checkpoint_name(config, name), e) for e in range(n_experts)]
-            fmt = manifest.format_of(names[0]["gate_proj"]) if manifest else None
-            if fmt is not None:
-                bank = load_quant_expert_bank(reader, names, fmt, dim, two_hidden // 2, place(name))
-                set_module(model, name, bank)
+            if manifest is not None and manifest.format_of(names[0]["gate_proj"]) is not None:
+                set_module(model, name, load_quant_expert_bank(reader, manifest, names, dim, two_hidden // 2, place(name)))
                 continue
             gate_up, down = load_expert_bank(reader, checkpoint_name(config, name), n_experts, dtype, place(name))
             set_tensor(model, f"{name}.gate_up", gate_up)
             set_tensor(model, f"{name}.down", down)
         elif isinstance(module, nn.Linear) and manifest is not None:
             weight_name = checkpoint_name(config, f"{name}.weight")
-            fmt = manifest.format_of(weight_name)
-            if fmt is not None:
-                linear = load_quant_linear(reader, weight_name, fmt, module.bias, place(f"{name}.weight"))
-                set_module(model, name, linear)
+            stored = manifest.format_of(weight_name)
+            if stored is None:
+                continue
+            weight = read_quantized(reader, weight_name, stored, module.in_features)
+            if name.endswith("kv_b_proj"):
+                set_tensor(model, f"{name}.weight", weight.dequantize(dtype).to(place(f"{name}.weight")))
+            else:
+                set_module(model, name, QuantLinear.from_weight(weight, module.bias, place(f"{name}.weight")))
     model.rotary = RotaryEmbedding(config).to(place("rotary"))
     return model.eval()
+
+
+def load_quant_expert_bank(
+    reader: CheckpointReader, manifest, names: list[dict[str, str]], dim: int, hidden: int, device
+) -> QuantExpertBank:
+    """names: per expert, {gate_proj, up_proj, down_proj} -> HF weight name."""
+    gate_up_type, down_type = manifest.format_of(names[0]["gate_proj"]), manifest.format_of(names[0]["down_proj"])
+    bank = QuantExpertBank(len(names), dim, hidden, gate_up_type, down_type, device)
+    for expert, expert_names in enumerate(names):
+        bank.store(
+            expert,
+            read_quantized(reader, expert_names["gate_proj"], gate_up_type, dim),
+            read_quantized(reader, expert_names["up_proj"], gate_up_type, dim),
+            read_quantized(reader, expert_names["down_proj"], down_type, hidden),
+        )
+    return bank
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -7,7 +7,8 @@ and written into place in an output shard whose header was written first
 files count towards RSS) plus one chunk's working set, whatever the model size.
 
 Roles: routed experts -> `experts` (q4|q8); the other `*_proj` matrices (attention, shared
-experts, dense FFN) -> `dense` (bf16|q8); everything else (norms, router in fp32, embeddings,
+experts, dense FFN) -> `dense` (bf16|q8|q4); the formats and which block type each row length
+takes are localv3.formats.table's; everything else (norms, router in fp32, embeddings,
 lm_head, eh_proj, which the model reads as plain tensors) keeps its stored precision. The
 MTP layer's copies of embed_tokens and lm_head are not written (the model uses the main ones).
 
@@ -40,13 +41,14 @@ from localv3.checkpoint import (
 )
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError, LocalV3Error
-from localv3.quant import FORMATS, quant_format, quantize_weight
-from localv3.quantized import MANIFEST_NAME, Manifest, qweight_name, scales_name
+from localv3.formats.blocks import quantize_to
+from localv3.formats.table import BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
+from localv3.quantized import MANIFEST_NAME, Manifest, qweight_name
 from localv3.render import format_bytes
 from localv3.stream_writer import StreamedSafetensors, TensorSpec
 
-EXPERT_CHOICES = ("q4", "q8")
-DENSE_CHOICES = ("bf16", "q8")
+EXPERT_CHOICES = EXPERT_SCHEMES
+DENSE_CHOICES = DENSE_SCHEMES
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # rows per chunk: ~32 MiB of fp32 working set
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -88,7 +90,7 @@ class TensorJob:
     """One source tensor: how it is stored in the output."""
 
     source: TensorInfo
-    scheme: str  # q4 | q8 (quantised) or a dtype name: bf16 | fp32 | same
+    scheme: str  # a block type (q4_k, q4_0, q8_0: quantised) or a dtype name: bf16 | fp32 | same
     outputs: tuple[TensorSpec, ...]
     scale: TensorInfo | None = None  # FP8 block scales
 
@@ -124,7 +126,8 @@ class _Plan:
 
 
 def tensor_scheme(name: str, info: TensorInfo, config: ModelConfig, settings: QuantizeSettings) -> str | None:
-    """How the tensor `name` is stored: q4/q8, bf16, fp32, `same` (as stored), or None (dropped)."""
+    """How the tensor `name` is stored: q4/q8 (where its rows take a block type), bf16, fp32,
+    `same` (as stored), or None (dropped)."""
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= config.num_hidden_layers and name.endswith(_MTP_COPIES):
         return None
@@ -157,16 +160,13 @@ def plan(reader: CheckpointReader, config: ModelConfig, settings: QuantizeSettin
             if name + SCALE_SUFFIX not in reader:
                 raise CheckpointError(f"{info.file}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
             scale = reader.info(name + SCALE_SUFFIX)
-        if scheme in FORMATS:
-            fmt = quant_format(scheme)
-            fmt.check(info.shape, f"{info.file}: tensor {name}")
+        stored = FORMATS[scheme].block_type(info.shape[-1]) if scheme in QUANTIZED and len(info.shape) == 2 else None
+        if stored is not None:
+            scheme = stored.name
             out_features, in_features = info.shape
-            outputs = (
-                TensorSpec(qweight_name(name), fmt.qweight_dtype, fmt.qweight_shape(out_features, in_features)),
-                TensorSpec(scales_name(name), torch.bfloat16, fmt.scales_shape(out_features, in_features)),
-            )
-        else:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "same": info.dtype}[scheme]
+            outputs = (TensorSpec(qweight_name(name), torch.uint8, (out_features, stored.row_bytes(in_features))),)
+        else:  # float, or rows no block type of the scheme divides: bf16, as the planner sizes them
+            dtype = {"fp32": torch.float32, "same": info.dtype}.get(scheme, torch.bfloat16)
             outputs = (TensorSpec(name, dtype, info.shape),)
         result.shards.setdefault(info.file, []).append(TensorJob(info, scheme, outputs, scale))
     return result
@@ -197,10 +197,8 @@ def iter_rows(handle, info: TensorInfo, reader: CheckpointReader) -> Iterator[tu
 def _convert_tensor(job: TensorJob, handle, reader: CheckpointReader, writer: StreamedSafetensors, advance) -> None:
     row_bytes = job.source.nbytes // max(job.source.shape[0], 1)
     for first, chunk in iter_rows(handle, job.source, reader):
-        if job.scheme in FORMATS:
-            quantized = quantize_weight(chunk, quant_format(job.scheme))
-            writer.write_rows(job.outputs[0].name, first, quantized.qweight)
-            writer.write_rows(job.outputs[1].name, first, quantized.scales)
+        if job.scheme in BLOCK_TYPES:
+            writer.write_rows(job.outputs[0].name, first, quantize_to(chunk, BLOCK_TYPES[job.scheme]).data)
         else:
             writer.write_rows(job.outputs[0].name, first, chunk.to(job.outputs[0].dtype))
         advance(0, chunk.shape[0] * row_bytes)
@@ -330,7 +328,7 @@ def quantize_checkpoint(
         experts=settings.experts,
         dense=settings.dense,
         source={**source_info, "dtype": "fp8" if config.fp8_block_size else str(config.torch_dtype or "bf16")},
-        tensors={job.source.name: job.scheme for job in jobs if job.scheme in FORMATS},
+        tensors={job.source.name: job.scheme for job in jobs if job.scheme in BLOCK_TYPES},
         dropped=work.dropped,
     )
 

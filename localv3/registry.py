@@ -19,14 +19,15 @@ from typing import Any
 from localv3 import hub
 from localv3.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from localv3.errors import ConfigError, LocalV3Error, ModelNotFoundError
+from localv3.formats.table import DENSE_SCHEMES, EXPERT_SCHEMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_REGISTRY = PACKAGE_DIR / "models.toml"
 SHIPPED_CONFIGS_DIR = PACKAGE_DIR / "assets" / "configs"
 
 FORMATS = ("hf", "gguf", "bundled")
-EXPERT_QUANTS = ("q4", "q8")
-DENSE_QUANTS = ("bf16", "q8")
+EXPERT_QUANTS = EXPERT_SCHEMES
+DENSE_QUANTS = DENSE_SCHEMES
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 
 
@@ -230,7 +231,7 @@ def _quant_from_table(value: Any, fail) -> RecommendedQuant | None:
     if value is None:
         return None
     if not isinstance(value, dict) or set(value) != {"experts", "dense"}:
-        raise fail("quant", 'quant must be { experts = "q4|q8", dense = "bf16|q8" }')
+        raise fail("quant", f'quant must be {{ experts = "{"|".join(EXPERT_QUANTS)}", dense = "{"|".join(DENSE_QUANTS)}" }}')
     if value["experts"] not in EXPERT_QUANTS:
         raise fail("quant", f"quant.experts must be one of {', '.join(EXPERT_QUANTS)}")
     if value["dense"] not in DENSE_QUANTS:

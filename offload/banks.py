@@ -24,7 +24,7 @@ from torch import nn
 from localv3.checkpoint import CheckpointReader
 from localv3.loader import EXPERT_PROJECTIONS, expert_tensor_names
 from localv3.model.moe import run_experts
-from localv3.quant import QuantFormat
+from localv3.formats.table import BlockType
 from localv3.quantized import read_quantized
 
 
@@ -65,14 +65,23 @@ class BankSlice(nn.Module):
 
 class DiskExpertBank(nn.Module):
     """Routed experts read from the checkpoint (memory-mapped) each time they run, dequantised
-    (FP8 blocks, or the q8/q4 of a localv3 checkpoint: `stored`) to the activations' dtype:
-    nothing of them stays in RAM but the page cache."""
+    (FP8 blocks, or the block types of a localv3 checkpoint: `stored`, for gate/up and for down)
+    to the activations' dtype: nothing of them stays in RAM but the page cache."""
 
-    def __init__(self, reader: CheckpointReader, prefix: str, expert_ids: list[int], stored: QuantFormat | None = None):
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        prefix: str,
+        expert_ids: list[int],
+        dim: int,
+        hidden: int,
+        stored: tuple[BlockType, BlockType] | None = None,
+    ):
         super().__init__()
         self.reader = reader
         self.prefix = prefix  # model.layers.{i}.mlp.experts
         self.expert_ids = list(expert_ids)
+        self.dim, self.hidden = dim, hidden
         self.stored = stored
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -80,13 +89,14 @@ class DiskExpertBank(nn.Module):
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         names = expert_tensor_names(self.prefix, self.expert_ids[expert])
-        gate, up, down = (self._read(names[p], x.dtype) for p in EXPERT_PROJECTIONS)
+        gate, up, down = (self._read(names[p], x.dtype, p == "down_proj") for p in EXPERT_PROJECTIONS)
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [N, D]
 
-    def _read(self, weight_name: str, dtype: torch.dtype) -> torch.Tensor:
+    def _read(self, weight_name: str, dtype: torch.dtype, is_down: bool) -> torch.Tensor:
         if self.stored is None:
             return self.reader.get(weight_name, dtype)
-        return read_quantized(self.reader, weight_name, self.stored).dequantize(dtype)
+        in_features = self.hidden if is_down else self.dim
+        return read_quantized(self.reader, weight_name, self.stored[is_down], in_features).dequantize(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.prefix}, experts={len(self.expert_ids)}, read per use"

@@ -5,13 +5,14 @@
   device (its KV cache rows follow, through `Transformer.new_cache`); the embeddings, the final
   norm and lm_head on theirs;
 - each MoE layer's routed experts in a `PlacedExperts` (offload.banks), one bank per device:
-  on `gpu` and `cpu` a QuantExpertBank (q8/q4, localv3.quant) or a DenseExpertBank (float
+  on `gpu` and `cpu` a QuantExpertBank (q8/q4, localv3.formats) or a DenseExpertBank (float
   schemes), on `disk` a DiskExpertBank that reads the checkpoint per use. The layer's shared
   expert moves in with them, so on CUDA it runs while the CPU computes the routed experts;
-- the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4.
+- the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4,
+a dense FFN or shared expert whose three matrices are quantised as one QuantFeedForward.
 Held in the compute dtype whatever the plan says: embed_tokens, lm_head and the MTP eh_proj
-(the model code reads their `.weight`), any matrix whose input dimension the format's groups do
-not divide, and every float scheme (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there
+(the model code reads their `.weight`), kv_b_proj (MLA absorbs it at load), any matrix whose
+input dimension no block type of the format divides, and every float scheme (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there
 are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
 
@@ -33,7 +34,6 @@ from localv3.config import ModelConfig
 from localv3.engines.native import NativeEngine
 from localv3.errors import CheckpointError
 from localv3.loader import (
-    EXPERT_PROJECTIONS,
     checkpoint_name,
     expected_tensors,
     expert_tensor_names,
@@ -43,19 +43,13 @@ from localv3.loader import (
     skeleton,
     validate_checkpoint,
 )
-from localv3.model.moe import DenseExpertBank, MoE
+from localv3.model.moe import DenseExpertBank, FeedForward, MoE
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
-from localv3.quant import (
-    FORMATS,
-    QuantError,
-    QuantExpertBank,
-    QuantFormat,
-    QuantizedWeight,
-    QuantLinear,
-    quantize_weight,
-)
-from localv3.quantized import QUANTIZED_SUFFIXES, Manifest, quantized_expectations, read_manifest, read_quantized
+from localv3.formats.blocks import QuantizedWeight, quantize_to
+from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
+from localv3.formats.table import FORMATS, BlockType
+from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.tokenizer import Tokenizer
 from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
 from offload.hardware import Hardware, detect_hardware
@@ -69,7 +63,7 @@ from offload.shape import ModelShape
 CHECKPOINT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 HOST = torch.device("cpu")
-UNQUANTISED_LINEARS = ("lm_head", "eh_proj")  # read through `.weight` by the model code
+UNQUANTISED_LINEARS = ("lm_head", "eh_proj", "kv_b_proj")  # read through `.weight` by the model code
 
 
 @dataclass(frozen=True)
@@ -117,12 +111,25 @@ def build_model(
     devices = Devices(layout, torch.device(gpu_device), config.num_hidden_layers)
     linears = _quantised_linears(model, config, weights, quant.dense)
     for tensor_name, (name, _) in expected.items():
-        if "[" in name or name.endswith(QUANTIZED_SUFFIXES) or name.removesuffix(".weight") in linears:
+        if "[" in name or name.endswith(QUANTIZED_SUFFIX) or name.removesuffix(".weight") in linears:
             continue  # routed experts and quantised weights: below
         wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
         set_tensor(model, name, reader.get(tensor_name, wanted).to(devices.of_param(name)))
-    for name, fmt in linears.items():
-        weight = weights.quantized(checkpoint_name(config, f"{name}.weight"), fmt)
+    for name, module in model.named_modules():  # stored quantised, held in float (kv_b_proj)
+        if not isinstance(module, nn.Linear) or name in linears:
+            continue
+        weight_name = checkpoint_name(config, f"{name}.weight")
+        if stored := weights.stored_format(weight_name):
+            weight = weights.quantized(weight_name, stored, module.in_features).dequantize(dtype)
+            set_tensor(model, f"{name}.weight", weight.to(devices.of_param(name)))
+    quantized = {name: weights.quantized(checkpoint_name(config, f"{name}.weight"), *stored) for name, stored in linears.items()}
+    for name, module in list(model.named_modules()):
+        parts = [quantized.get(f"{name}.{p}") for p in ("gate_proj", "up_proj", "down_proj")]
+        if isinstance(module, FeedForward) and all(parts):
+            set_module(model, name, QuantFeedForward(*parts, device=devices.of_param(name)))
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                del quantized[f"{name}.{p}"]
+    for name, weight in quantized.items():
         set_module(model, name, QuantLinear.from_weight(weight, model.get_submodule(name).bias, devices.of_param(name)))
     for layer, moe in moe_layers(model):
         _place_experts(moe, layer, weights, config, layout, devices, quant.experts, dtype)
@@ -140,47 +147,35 @@ class Weights:
     reader: CheckpointReader
     manifest: Manifest | None
 
-    def stored_format(self, weight_name: str) -> QuantFormat | None:
+    def stored_format(self, weight_name: str) -> BlockType | None:
         return self.manifest.format_of(weight_name) if self.manifest else None
 
-    def format_for(self, weight_name: str, scheme: str | None, *shapes: tuple[int, int]) -> QuantFormat | None:
-        """The stored format, else `scheme`'s where every shape takes it, else None (float)."""
-        return self.stored_format(weight_name) or _format_for(scheme, *shapes)
+    def block_type(self, weight_name: str, scheme: str | None, in_features: int) -> BlockType | None:
+        """The stored block type, else the one `scheme` gives this row length, else None (float)."""
+        fmt = FORMATS.get(scheme)
+        planned = fmt.block_type(in_features) if fmt is not None else None
+        return self.stored_format(weight_name) or planned
 
-    def quantized(self, weight_name: str, fmt: QuantFormat) -> QuantizedWeight:
+    def quantized(self, weight_name: str, stored: BlockType, in_features: int) -> QuantizedWeight:
         if self.stored_format(weight_name) is not None:
-            return read_quantized(self.reader, weight_name, fmt)
-        return quantize_weight(self.reader.get(weight_name, torch.float32), fmt)
+            return read_quantized(self.reader, weight_name, stored, in_features)
+        return quantize_to(self.reader.get(weight_name, torch.float32), stored)
 
 
 def _quantised_linears(
     model: Transformer, config: ModelConfig, weights: Weights, scheme: str
-) -> dict[str, QuantFormat]:
-    """Module name -> format of every nn.Linear stored quantised or that `scheme` quantises
-    (dense-role ones only: not lm_head or eh_proj)."""
+) -> dict[str, tuple[BlockType, int]]:
+    """Module name -> (block type, input features) of every nn.Linear stored quantised or that
+    `scheme` quantises (dense-role ones only: not lm_head, eh_proj or kv_b_proj)."""
     chosen = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or name.rpartition(".")[2] in UNQUANTISED_LINEARS:
             continue
         weight_name = checkpoint_name(config, f"{name}.weight")
-        planned = scheme if name.rpartition(".")[2] not in UNQUANTISED_LINEARS else None
-        fmt = weights.format_for(weight_name, planned, (module.out_features, module.in_features))
-        if fmt is not None:
-            chosen[name] = fmt
+        stored = weights.block_type(weight_name, scheme, module.in_features)
+        if stored is not None:
+            chosen[name] = (stored, module.in_features)
     return chosen
-
-
-def _format_for(scheme: str | None, *shapes: tuple[int, int]) -> QuantFormat | None:
-    """The localv3.quant format of `scheme` if it is one and every [out, in] shape takes it."""
-    fmt = FORMATS.get(scheme)
-    if fmt is None:
-        return None
-    try:
-        for shape in shapes:
-            fmt.check(shape)
-    except QuantError:
-        return None
-    return fmt
 
 
 def _place_experts(
@@ -196,8 +191,10 @@ def _place_experts(
     """Replace the layer's expert bank by its slices per device, the shared expert moved in."""
     n_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     prefix = f"model.layers.{layer}.mlp.experts"
-    first = expert_tensor_names(prefix, 0)["gate_proj"]
-    fmt = weights.format_for(first, scheme, (2 * hidden, dim), (dim, hidden))
+    first = expert_tensor_names(prefix, 0)
+    gate_up_type = weights.block_type(first["gate_proj"], scheme, dim)
+    down_type = weights.block_type(first["down_proj"], scheme, hidden)
+    quantized = gate_up_type is not None and down_type is not None
     slices = []
     for where in (GPU, CPU, DISK):
         ids = layout.experts_on(layer, where)
@@ -205,9 +202,10 @@ def _place_experts(
             continue
         device = devices.of(where)
         if where == DISK:
-            bank = DiskExpertBank(weights.reader, prefix, ids, weights.stored_format(first))
-        elif fmt is not None:
-            bank = _quant_bank(weights, prefix, ids, dim, hidden, fmt, device)
+            stored = (weights.stored_format(first["gate_proj"]), weights.stored_format(first["down_proj"]))
+            bank = DiskExpertBank(weights.reader, prefix, ids, dim, hidden, stored if all(stored) else None)
+        elif quantized:
+            bank = _quant_bank(weights, prefix, ids, dim, hidden, gate_up_type, down_type, device)
         else:
             bank = _dense_bank(weights.reader, prefix, ids, dim, hidden, dtype, device)
         slices.append(BankSlice(bank, ids, n_experts, device))
@@ -215,11 +213,16 @@ def _place_experts(
     moe.experts = PlacedExperts(slices, shared)
 
 
-def _quant_bank(weights: Weights, prefix, ids, dim, hidden, fmt, device) -> QuantExpertBank:
-    bank = QuantExpertBank(len(ids), dim, hidden, fmt, device)
+def _quant_bank(weights: Weights, prefix, ids, dim, hidden, gate_up_type, down_type, device) -> QuantExpertBank:
+    bank = QuantExpertBank(len(ids), dim, hidden, gate_up_type, down_type, device)
     for j, expert in enumerate(ids):
         names = expert_tensor_names(prefix, expert)
-        bank.store(j, *(weights.quantized(names[p], fmt) for p in EXPERT_PROJECTIONS))
+        bank.store(
+            j,
+            weights.quantized(names["gate_proj"], gate_up_type, dim),
+            weights.quantized(names["up_proj"], gate_up_type, dim),
+            weights.quantized(names["down_proj"], down_type, hidden),
+        )
     return bank
 
 

@@ -3,24 +3,59 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fixtures_cli import ScriptedEngine, scripted_loader
+from threads import one_thread
 from typer.testing import CliRunner
 
 from cli import app
-from localv3.bench import BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
+from localv3.bench import BenchError, BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
 from localv3.commands.bench import markdown_table
 from localv3.errors import LocalV3Error
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 SMALL = ["-p", "8", "-n", "4", "-r", "2"]
 
 
 def bench(*args: str):
     return runner.invoke(app, ["bench", *args])
+
+
+def table_column(table: str, column: str) -> list[str]:
+    """The cells of one column of a markdown table, below its header and rule."""
+    header, _, *rows = table.splitlines()
+    index = [cell.strip() for cell in header.split("|")].index(column)
+    return [row.split("|")[index].strip() for row in rows]
+
+
+def opened_engines(monkeypatch) -> list:
+    """Every engine the bench command opens, loaded for real."""
+    from localv3 import engine_choice
+
+    real, opened = engine_choice.open_engine, []
+
+    def open_engine(*args, **kwargs):
+        opened.append(real(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr("localv3.engine_choice.open_engine", open_engine)
+    return opened
+
+
+@pytest.fixture(scope="module")
+def quantized_chat_model(chat_model_dir, tmp_path_factory):
+    """The chat fixture model as `localv3 quantize` writes it: q4 routed experts, q8 dense parts."""
+    from localv3.quantize import QuantizeSettings, quantize_checkpoint
+
+    info = {"model": "chat-model", "path": str(chat_model_dir), "revision": None}
+    out = tmp_path_factory.mktemp("quantized") / "chat-model-q4"
+    return quantize_checkpoint(chat_model_dir, out, QuantizeSettings("q4", "q8"), info).path
 
 
 def write_gguf(path: Path) -> Path:
@@ -143,6 +178,64 @@ def test_planner_prediction_beside_the_measurement(monkeypatch, chat_model_dir, 
     assert plain[0]["predicted_tok_s"] is None
 
 
+def test_prediction_is_the_loaded_plans_on_the_stored_schemes(monkeypatch, quantized_chat_model):
+    from localv3.config import ModelConfig
+    from localv3.quantized import read_manifest
+    from offload.runtime import stored_quantization
+
+    opened = opened_engines(monkeypatch)
+    result = bench(str(quantized_chat_model), "-p", "4", "-n", "2", "-r", "1", "--predict", "--json")
+    assert result.exit_code == 0, result.output
+    pp, tg = json.loads(result.stdout)
+    (engine,) = opened
+    stored = stored_quantization(read_manifest(quantized_chat_model), ModelConfig.from_file(quantized_chat_model))
+    assert engine.plan.quantization == stored
+    for record in (pp, tg):
+        assert record["quantization"] == {"experts": "q4", "dense": "q8", "embeddings": "bf16"}
+        assert "(q4); dense q8" in record["placement"]
+    assert pp["predicted_tok_s"] == engine.plan.predicted.prefill_tok_s
+    assert tg["predicted_tok_s"] == engine.plan.predicted.decode_tok_s
+
+
+def test_every_thread_count_runs_every_test(chat_model_dir):
+    with one_thread():  # bench leaves torch at the last thread count
+        result = bench(str(chat_model_dir), "-p", "4", "-n", "2", "-r", "1", "--threads", "1,2", "--json")
+        table = bench(str(chat_model_dir), "-p", "4", "-n", "0", "-r", "1", "-t", "2,1")
+    assert result.exit_code == 0, result.output
+    assert [(r["threads"], r["test"]) for r in json.loads(result.stdout)] == [(1, "pp4"), (1, "tg2"), (2, "pp4"), (2, "tg2")]
+    assert "[native, 2 threads]: warm-up" in result.stderr
+    assert table.exit_code == 0, table.output
+    assert table_column(table.stdout, "threads") == ["2", "1"]
+    assert table_column(table.stdout, "test") == ["pp4", "pp4"]
+
+
+def test_default_threads_are_the_engines(chat_model_dir):
+    from localv3.config import ModelConfig
+    from offload.runtime import default_cpu_threads
+
+    with one_thread():
+        result = bench(str(chat_model_dir), "-p", "4", "-n", "0", "-r", "1", "--json")
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    assert record["threads"] == default_cpu_threads(ModelConfig.from_file(chat_model_dir))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two", "1,,2", "2,0", ""])
+def test_bad_thread_counts(chat_model_dir, value):
+    result = bench(str(chat_model_dir), *SMALL, f"--threads={value}")
+    assert result.exit_code == 1 and isinstance(result.exception, BenchError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"--threads {value!r}: thread counts are positive integers") and "\n" not in message
+    assert "loading" not in result.stderr
+
+
+def test_bad_thread_count_is_one_line_on_stderr(chat_model_dir):
+    command = [sys.executable, str(REPO / "cli.py"), "bench", str(chat_model_dir), "-t", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "error: --threads '0': thread counts are positive integers, e.g. -t 1,2 (not '0')\n"
+
+
 def test_llama_cpp_engine_uses_the_models_gguf(monkeypatch, chat_model_dir, tmp_path):
     gguf_dir = tmp_path / "with-gguf"
     gguf_dir.mkdir()
@@ -175,6 +268,16 @@ def test_native_and_llama_cpp_side_by_side(chat_model_with_gguf):
     ]
     assert all(r["tok_s_mean"] > 0 for r in records)
     assert records[2]["size_bytes"] == (chat_model_with_gguf / "chat-model-f32.gguf").stat().st_size
+    assert records[2]["quantization"] is None and records[0]["quantization"]["experts"] == "bf16"  # as stored
+
+
+def test_llama_cpp_engine_loads_once_per_thread_count(chat_model_with_gguf):
+    result = bench(str(chat_model_with_gguf), "-p", "4", "-n", "2", "-r", "1", "--engine", "llama.cpp", "-t", "1,2", "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["threads"], r["test"]) for r in records] == [(1, "pp4"), (1, "tg2"), (2, "pp4"), (2, "tg2")]
+    assert [r["placement"].endswith(f", {r['threads']} threads") for r in records] == [True] * 4
+    assert all(r["predicted_tok_s"] is None for r in records)
 
 
 def test_model_without_gguf_fails_before_measuring(chat_model_dir):
@@ -226,9 +329,13 @@ def test_markdown_table_aligns_columns():
         3 << 30,
         671_000_000_000,
         "gpu dense, cpu experts",
+        4,
         tpot_s_mean=0.08,
     )
-    header, rule, row = markdown_table([record]).splitlines()
+    table = markdown_table([record])
+    header, rule, row = table.splitlines()
     assert len(header) == len(rule) == len(row)
     assert "| predicted |" in header
+    assert [cell.strip() for cell in header.split("|")][5:8] == ["placement", "threads", "test"]
+    assert table_column(table, "threads") == ["4"]
     assert "| 3.00 GiB |" in row and "| 671.00 B |" in row and "| 12.50 ± 0.25 |" in row and "80.0ms" in row

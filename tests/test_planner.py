@@ -96,12 +96,13 @@ def test_bytes_per_weight_of_each_scheme():
     rows, cols = 2048, 7168
     assert scheme("bf16").matrix_bytes(rows, cols) == 2 * rows * cols
     assert scheme("fp32").matrix_bytes(rows, cols) == 4 * rows * cols
-    assert scheme("q8").matrix_bytes(rows, cols) == rows * cols + rows * 2  # one scale per row
-    assert scheme("q4").matrix_bytes(rows, cols) == rows * cols // 2 + rows * (cols // 32) * 2
+    assert scheme("q8").matrix_bytes(rows, cols) == rows * cols // 32 * 34  # Q8_0: 34 bytes per 32
+    assert scheme("q4").matrix_bytes(rows, cols) == rows * cols // 256 * 144  # Q4_K: 144 bytes per 256
+    assert scheme("q4").matrix_bytes(rows, 96) == rows * 96 // 32 * 18  # Q4_0 where 256 does not divide
     assert scheme("fp8").matrix_bytes(rows, cols) == rows * cols + 16 * 56 * 4
-    assert scheme("q4").bits_per_weight == 4.5 and scheme("q8").bits_per_weight == 8
+    assert scheme("q4").bits_per_weight == 4.5 and scheme("q8").bits_per_weight == 8.5
     assert scheme("fp8").matrix_bytes(129, 130) == 129 * 130 + 2 * 2 * 4  # partial edge blocks
-    assert scheme("q4").matrix_bytes(1, 33) == 17 + 2 * 2  # packed nibbles round up; two groups
+    assert scheme("q4").matrix_bytes(1, 33) == 33 * 2  # no block type divides 33: held in bf16
 
 
 def test_routed_expert_bytes_follow_the_experts_scheme(v3):

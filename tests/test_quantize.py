@@ -22,9 +22,9 @@ from fixtures_cli import train_tokenizer
 from localv3.checkpoint import CheckpointReader
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import CheckpointError, ModelNotFoundError
-from localv3.quant import QuantExpertBank, QuantLinear
+from localv3.formats.modules import QuantExpertBank, QuantLinear
 from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
-from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest, scales_name
+from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
 from offload.quant import scheme
 from threads import one_thread
@@ -63,16 +63,20 @@ def quantized(fp8_model, tmp_path_factory):
     }
 
 
-def test_stored_bytes_are_the_planners_bytes(quantized):
-    """offload.quant sizes each quantised tensor as localv3.quant stores it (qweight + scales)."""
+def test_stored_bytes_are_the_planners_bytes(fp8_model, quantized):
+    """The planner sizes each quantised tensor as `localv3 quantize` stores it (its blocks)."""
+    source = CheckpointReader(fp8_model)
     for experts, out in quantized.items():
         manifest, reader = read_manifest(out), CheckpointReader(out)
         assert manifest.tensors
         for name in manifest.tensors:
-            fmt = manifest.format_of(name)
-            qweight, scales = reader.tensors[qweight_name(name)], reader.tensors[scales_name(name)]
-            rows, cols = qweight.shape[0], qweight.shape[1] * 8 // fmt.bits  # int4: 2 per byte
-            assert scheme(fmt.name).matrix_bytes(rows, cols) == qweight.nbytes + scales.nbytes, (experts, name)
+            scheme_name = experts if ".experts." in name else "q8"
+            rows, cols = reader.tensors[qweight_name(name)].shape[0], source.tensors[name].shape[1]
+            assert scheme(scheme_name).matrix_bytes(rows, cols) == reader.tensors[qweight_name(name)].nbytes, (experts, name)
+
+
+def fp8_shape(model_dir, name: str) -> tuple[int, ...]:
+    return CheckpointReader(model_dir).tensors[name].shape
 
 
 def test_output_layout_and_manifest(fp8_model, quantized):
@@ -81,19 +85,20 @@ def test_output_layout_and_manifest(fp8_model, quantized):
     assert (manifest["scheme"], manifest["experts"], manifest["dense"]) == ("localv3", "q4", "q8")
     assert manifest["source"]["dtype"] == "fp8" and manifest["source"]["path"] == str(fp8_model)
     formats = manifest["tensors"]
-    assert formats["model.layers.1.mlp.experts.3.down_proj.weight"] == "q4"
-    assert formats["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] == "q8"
-    assert formats["model.layers.1.mlp.shared_experts.up_proj.weight"] == "q8"
+    assert formats["model.layers.1.mlp.experts.3.down_proj.weight"] == "q4_0"  # rows of 32: too short for Q4_K
+    assert formats["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] == "q8_0"
+    assert formats["model.layers.1.mlp.shared_experts.up_proj.weight"] == "q8_0"
     assert "model.layers.1.mlp.gate.weight" not in formats  # the router stays fp32
     assert manifest["dropped"] == ["model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"]
     # one output shard per input shard, an index covering every tensor, files copied
     assert len(list(out.glob("model-*.safetensors"))) == 4
     reader = CheckpointReader(out)
     assert reader.info("model.layers.1.mlp.experts.0.gate_proj.qweight").dtype == torch.uint8
-    assert reader.info("model.layers.1.mlp.experts.0.gate_proj.qweight").shape == (32, 32)
-    assert reader.info("model.layers.1.mlp.experts.0.gate_proj.scales").shape == (32, 2)
+    gate = reader.info("model.layers.1.mlp.experts.0.gate_proj.qweight")
+    hidden, dim = fp8_shape(fp8_model, "model.layers.1.mlp.experts.0.gate_proj.weight")
+    assert gate.shape == (hidden, dim // 32 * 18)  # Q4_0: 18 bytes per 32 weights
     assert reader.info("model.layers.1.mlp.gate.weight").dtype == torch.float32
-    assert reader.info("model.layers.0.self_attn.q_a_proj.qweight").dtype == torch.int8
+    assert reader.info("model.layers.0.self_attn.q_a_proj.qweight").dtype == torch.uint8
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert (out / "tokenizer.json").read_bytes() == (fp8_model / "tokenizer.json").read_bytes()
@@ -110,7 +115,7 @@ def test_quantized_models_load_with_logits_close(fp8_model, quantized):
         engine = localv3.load(out, device="cpu", dtype=torch.float32)
         layer = engine.model.model.layers[1]
         assert isinstance(layer.mlp.experts, QuantExpertBank)
-        assert isinstance(layer.self_attn.kv_b_proj, QuantLinear)
+        assert isinstance(layer.self_attn.q_a_proj, QuantLinear)
         assert isinstance(layer.mlp.shared_experts.down_proj, QuantLinear)
         got = engine.logits(PROMPT)
         assert (got - expected).abs().max().item() < tolerance[experts], experts

@@ -5,14 +5,12 @@ statistics are recorded, saved and used by the planner.
 Tolerances, measured on tiny random checkpoints (seeds 0-2, this layout):
 - float schemes: exact (max |logit difference| 0.0; asserted <= 1e-5), same greedy tokens.
 - q8/q4: against the unplaced engine on the same weights rounded to q8/q4 (or on the same
-  localv3 quantized checkpoint), so only the kernels differ (they take bf16 activations; disk
-  experts are dequantised to fp32): relative RMS logit error 0.6-1.5%, max |difference|
-  0.025-0.085, asserted <= 2% and <= 0.1 (seed 0). Where a router's top-k choice is a near tie
-  (seeds 1-2, q4 experts) bf16 activations flip it: 8-13% and max 0.9-1.3 there. Greedy
-  decoding may part ways at a near tie (q8/q8 here: at token 12 of 16), so every token it picks
-  must score within 0.1 of the reference's best at that step.
-- against the original fp32 weights (quantisation error itself, not asserted): q8 experts with
-  fp32 dense 0.8-0.9%; q8/q8 2-19%, q4/q8 14-25%, q4/q4 34-45% (random weights, routing flips).
+  localv3 quantized checkpoint), with every block matrix dequantised per call (the GPU path):
+  exact as well (0.0; asserted <= 1e-5), same greedy tokens. With ggml's CPU kernels, which
+  quantise activations to 8 bits, the same comparison measures 1.7-1.9% relative RMS logit
+  error, except where a router's top-k choice is a near tie on these random weights and the
+  noise flips it (14-25%): so the kernels are tested on their own (test_quant_kernels.py) and
+  end to end on the trained tiny model (test_quantize.py), not here.
 """
 
 from __future__ import annotations
@@ -29,7 +27,9 @@ import localv3
 from cli import app
 from localv3.config import ModelConfig
 from localv3.model.moe import DenseExpertBank
-from localv3.quant import FORMATS, QuantError, quantize_weight
+from localv3.formats import ggml
+from localv3.formats.blocks import quantize_weight
+from localv3.formats.table import FORMATS
 from localv3.quantize import QuantizeSettings, quantize_checkpoint
 from localv3.synthetic import TINY_V3, checkpoint_tensors, write_checkpoint
 from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
@@ -81,14 +81,11 @@ def write_rounded_checkpoint(out: Path, quant: Quantization, seed: int = 0) -> P
     config = ModelConfig.from_dict(TINY_V3)
     tensors = checkpoint_tensors(config, seed)
     for name, weight in tensors.items():
-        if weight.dim() != 2 or "_proj" not in name or "eh_proj" in name:
+        if weight.dim() != 2 or "_proj" not in name or "eh_proj" in name or "kv_b_proj" in name:
             continue
-        fmt = FORMATS.get(quant.experts if ".experts." in name else quant.dense)
-        try:
-            fmt.check(tuple(weight.shape))
-        except QuantError:
-            continue
-        tensors[name] = quantize_weight(weight, fmt).dequantize()
+        fmt = FORMATS[quant.experts if ".experts." in name else quant.dense]
+        if fmt.takes(tuple(weight.shape)):
+            tensors[name] = quantize_weight(weight, fmt).dequantize()
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(TINY_V3))
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"))
@@ -155,30 +152,31 @@ def test_mtp_head_matches_on_its_placed_device(model_dir, reference):
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("experts,dense", [("q8", "q8"), ("q4", "q8"), ("q4", "q4")])
-def test_quantised_plan_within_kernel_tolerance(tmp_path, experts, dense):
+def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, monkeypatch, experts, dense, seed):
+    """With the kernels' arithmetic taken out (every block matrix dequantised per call, as on a
+    GPU), a quantised plan computes exactly what the unplaced engine computes on the same
+    rounded weights: the blocks, banks and slices are placed and wired right. The ggml kernels'
+    own error (8-bit activations) is tested in test_quant_kernels.py, end to end on the trained
+    tiny model in test_quantize.py."""
+    monkeypatch.setattr(ggml, "available", lambda: False)
     quant = Quantization(experts=experts, dense=dense, embeddings="fp32")
-    rounded = write_rounded_checkpoint(tmp_path / "rounded", quant)
-    assert_within_kernel_tolerance(planned(rounded, quant), unplaced(rounded))
+    rounded = write_rounded_checkpoint(tmp_path / "rounded", quant, seed)
+    engine, ref = planned(rounded, quant), unplaced(rounded)
+    torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=0)
+    assert engine.generate(PROMPT, 16) == ref.generate(PROMPT, 16)
 
 
-def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir):
+def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setattr(ggml, "available", lambda: False)  # exact arithmetic, as above
     target = tmp_path / "tiny-q4"
     quantize_checkpoint(model_dir, target, QuantizeSettings(experts="q4", dense="q8"), {"model": "tiny"})
     engine = planned(target, Quantization(experts="q4", dense="q8", embeddings="fp32"))
     assert engine.plan.layout.experts_on(2, DISK)  # disk experts dequantise the stored q4 per use
-    assert engine.model.model.layers[1].mlp.experts.slices[0].bank.gate_up.fmt.name == "q4"
-    assert_within_kernel_tolerance(engine, unplaced(target))
-
-
-def assert_within_kernel_tolerance(engine, ref) -> None:
-    ref_logits, logits = ref.logits(PROMPT), engine.logits(PROMPT)
-    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= 0.02
-    assert (logits - ref_logits).abs().max().item() <= 0.1
-    tokens = engine.generate(PROMPT, 16)  # through the decode path and the KV cache
-    scores = ref.logits(PROMPT + tokens[:-1])[len(PROMPT) - 1 :]  # [16, V]: the reference's, step by step
-    regret = scores.max(dim=-1).values - scores.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-    assert regret.max().item() <= 0.1  # each token is the reference's greedy choice, or within tolerance of it
+    assert engine.model.model.layers[1].mlp.experts.slices[0].bank.gate_up.block_type.name == "q4_0"
+    ref = unplaced(target)
+    torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=0)
 
 
 def test_disk_experts_are_read_per_use(model_dir):

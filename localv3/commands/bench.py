@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from localv3.bench import BenchRecord
+    from localv3.bench import BenchRecord, BenchSettings, WeightsInfo
 
 TABLE_COLUMNS = (
     ("model", "left"),
@@ -20,6 +21,7 @@ TABLE_COLUMNS = (
     ("params", "right"),
     ("engine", "left"),
     ("placement", "left"),
+    ("threads", "right"),
     ("test", "right"),
     ("t/s", "right"),
     ("TTFT", "right"),
@@ -56,6 +58,7 @@ def table_rows(records: list[BenchRecord]) -> list[list[str]]:
                 format_count(r.params),
                 r.engine,
                 r.placement,
+                str(r.threads),
                 f"{r.test} mtp" if r.mtp else r.test,
                 speed,
                 optional(r.ttft_s_mean, format_duration),
@@ -91,6 +94,34 @@ def markdown_table(records: list[BenchRecord]) -> str:
     return "\n".join([line(headers), line(rule)] + [line(row) for row in rows])
 
 
+def _measure_load(
+    model: str,
+    engine: str,
+    weights: WeightsInfo,
+    n_threads: int | None,
+    settings: BenchSettings,
+    progress: Callable[[str], None],
+) -> list[BenchRecord]:
+    """Load `model` on `engine` with `n_threads` CPU threads (None: the engine's default; both
+    engines take their threads at load) and measure it; peak memory is this load's."""
+    from localv3.bench import PeakMemory, bench_engine
+    from localv3.engine_choice import open_engine
+
+    memory = PeakMemory()
+    memory.reset()
+    threads_note = f", {n_threads} threads" if n_threads else ""
+    progress(f"loading {model} [{engine}{threads_note}]")
+    max_context = max(settings.n_prompt, settings.n_gen + 1) + 2
+    loaded = open_engine(model, engine, max_context=max_context, with_mtp=settings.mtp, threads=n_threads)
+    records = bench_engine(loaded, model, weights, settings, progress)
+    peak_rss, peak_vram = memory.rss_bytes(), memory.vram_bytes()
+    for record in records:
+        record.peak_rss_bytes, record.peak_vram_bytes = peak_rss, peak_vram
+    del loaded
+    gc.collect()
+    return records
+
+
 def bench(
     models: Annotated[
         list[str] | None,
@@ -104,22 +135,33 @@ def bench(
     ] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Repetitions of each test.")] = 5,
     engines: Annotated[str, typer.Option("--engine", help="Comma-separated engines: native, llama.cpp.")] = "native",
+    threads: Annotated[
+        str | None,
+        typer.Option(
+            "--threads",
+            "-t",
+            help="Comma-separated CPU thread counts; each runs every test (default: the engine's own).",
+            show_default=False,
+        ),
+    ] = None,
     mtp: Annotated[bool, typer.Option("--mtp", help="Also measure tg with MTP speculative decoding.")] = False,
     predict: Annotated[
-        bool, typer.Option("--predict", help="Add the planner's roofline prediction (native engine).")
+        bool,
+        typer.Option("--predict", help="Add the roofline prediction of the plan the engine was built from (native engine)."),
     ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of records instead of the table.")
     ] = False,
 ) -> None:
     """Measure prefill (ppP) and decode (tgN) speed, llama-bench style."""
-    from localv3.bench import BenchError, BenchSettings, PeakMemory, bench_engine, weights_info
+    from localv3.bench import BenchError, BenchSettings, parse_thread_counts, weights_info
     from localv3.commands.options import DEFAULT_MODEL
-    from localv3.engine_choice import open_engine, parse_engine_list, weights_path
+    from localv3.engine_choice import parse_engine_list, weights_path
 
     if not n_prompt and not n_gen:
         raise BenchError("nothing to measure: -p and -n are both 0")
     engine_names = parse_engine_list(engines)
+    thread_counts = parse_thread_counts(threads) if threads is not None else [None]  # None: the engine's default
     settings = BenchSettings(n_prompt, n_gen, repetitions, mtp, predict)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -131,18 +173,10 @@ def bench(
         (model, engine, weights_path(model, engine)) for model in models or [DEFAULT_MODEL] for engine in engine_names
     ]
     records = []
-    memory = PeakMemory()
     for model, engine, weights in jobs:
-        memory.reset()
-        progress(f"loading {model} [{engine}]")
-        loaded = open_engine(model, engine, max_context=max(n_prompt, n_gen + 1) + 2, with_mtp=mtp)
-        measured = bench_engine(loaded, model, weights_info(weights), settings, progress)
-        peak_rss, peak_vram = memory.rss_bytes(), memory.vram_bytes()
-        for record in measured:
-            record.peak_rss_bytes, record.peak_vram_bytes = peak_rss, peak_vram
-        records.extend(measured)
-        del loaded
-        gc.collect()
+        info = weights_info(weights)
+        for n_threads in thread_counts:
+            records.extend(_measure_load(model, engine, info, n_threads, settings, progress))
     if json_output:
         print(json.dumps([r.to_dict() for r in records], indent=2))
     else:

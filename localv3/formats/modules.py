@@ -1,0 +1,223 @@
+"""torch modules over block-quantised weights: a linear layer, a SwiGLU MLP and a routed-expert
+bank, each computed by ggml's CPU kernels when it lives on the CPU (one ggml graph per call,
+built once per token count), else dequantised in torch on each call (a GPU).
+
+Measured on the 2-core AVX2 development machine (benchmarks/expert_kernels.py has the table):
+ggml reads Q4_K/Q8_0 experts at a large fraction of the memory bandwidth, where torch's int4/int8
+kernels were compute-bound at 5-11 GB/s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localv3.formats import ggml
+from localv3.formats.blocks import QuantizedWeight, dequantize_rows
+from localv3.formats.table import BlockType, QuantError
+from localv3.model.moe import run_experts
+
+ACTIVATIONS = torch.float32  # what the ggml graphs take in and give out
+
+
+def _uses_ggml(device: torch.device) -> bool:
+    return device.type == "cpu" and ggml.available()
+
+
+class QuantMatrices(nn.Module):
+    """`count` block-quantised [out, in] matrices of one shape: `data` uint8 [count, out, row_bytes]."""
+
+    def __init__(self, block_type: BlockType, count: int, out_features: int, in_features: int, device="cpu"):
+        super().__init__()
+        if in_features % block_type.block:
+            raise QuantError(f"input dimension {in_features} is not a multiple of the {block_type.name} block size {block_type.block}")
+        self.block_type = block_type
+        self.out_features, self.in_features = out_features, in_features
+        row_bytes = block_type.row_bytes(in_features)
+        self.register_buffer("data", torch.empty(count, out_features, row_bytes, dtype=torch.uint8, device=device))
+
+    def store(self, index: int, weight: QuantizedWeight) -> None:
+        if weight.shape != (self.out_features, self.in_features) or weight.block_type != self.block_type:
+            raise QuantError(
+                f"cannot store a {weight.block_type.name} {list(weight.shape)} weight in "
+                f"{self.block_type.name} [{self.out_features}, {self.in_features}] matrices"
+            )
+        self.data[index].copy_(weight.data)
+
+    def dense(self, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantised matrix [out, in]."""
+        return dequantize_rows(self.data[index], self.block_type, self.in_features).to(dtype)
+
+    def ggml_tensor(self, graph: ggml.Graph, index: int | None = None) -> int:
+        """Matrix `index` ([in, out] in ggml order), or all of them ([in, out, count])."""
+        if index is None:
+            count = self.data.shape[0]
+            return graph.tensor_from(self.data, self.block_type.ggml_type, (self.in_features, self.out_features, count))
+        return graph.tensor_from(self.data[index], self.block_type.ggml_type, (self.in_features, self.out_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.data.shape[0]} x [{self.out_features}, {self.in_features}] {self.block_type.name}"
+
+
+class _Staged:
+    """One built graph with its torch-side input and output tensors."""
+
+    def __init__(self, graph: ggml.Graph, inputs: dict[str, torch.Tensor], output: torch.Tensor):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class _GraphModule(nn.Module):
+    """A module computed by ggml graphs on the CPU, one per token count (rebuilt if its weights
+    move); subclasses say how to build one."""
+
+    def __init__(self):
+        super().__init__()
+        self._graphs = ggml.GraphCache(self._build)
+        self._built_for: int | None = None  # data pointer the cached graphs were built over
+
+    def _staged(self, key, weights: torch.Tensor) -> _Staged:
+        if self._built_for != weights.data_ptr():
+            self._graphs.graphs.clear()
+            self._built_for = weights.data_ptr()
+        return self._graphs.get(key)
+
+    def _build(self, key) -> _Staged:
+        raise NotImplementedError
+
+
+class QuantLinear(_GraphModule):
+    """A drop-in for nn.Linear (no weight attribute) holding a block-quantised weight."""
+
+    def __init__(self, in_features: int, out_features: int, block_type: BlockType, bias: bool = False, device="cpu"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.matrices = QuantMatrices(block_type, 1, out_features, in_features, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None, device="cpu") -> QuantLinear:
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, weight.block_type, bias is not None, device)
+        module.matrices.store(0, _moved(weight, device))
+        if bias is not None:
+            module.bias.data.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # [T, in]
+        if _uses_ggml(flat.device):
+            staged = self._staged(flat.shape[0], self.matrices.data)
+            staged.inputs["x"].copy_(flat)
+            staged.graph.compute()
+            y = staged.output.to(x.dtype, copy=True)  # [T, out]; the staging buffer is reused
+        else:
+            y = F.linear(flat, self.matrices.dense(0, flat.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _build(self, tokens: int) -> _Staged:
+        graph = ggml.Graph()
+        x = torch.empty(tokens, self.in_features, dtype=ACTIVATIONS)
+        out = torch.empty(tokens, self.out_features, dtype=ACTIVATIONS)
+        product = graph.mul_mat(self.matrices.ggml_tensor(graph, 0), graph.tensor_from(x))  # [out, T]
+        graph.finish([(product, out)])
+        return _Staged(graph, {"x": x}, out)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.matrices.dense(0, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.matrices.block_type.name}"
+
+
+def _gate_up(gate: QuantizedWeight, up: QuantizedWeight) -> QuantizedWeight:
+    """Gate rows then up rows: block rows stack as the rows they hold."""
+    return QuantizedWeight(torch.cat([gate.data, up.data]), gate.block_type, gate.in_features)
+
+
+class QuantFeedForward(_GraphModule):
+    """SwiGLU MLP (dense FFN, shared expert) over block-quantised weights: one graph per call."""
+
+    def __init__(self, gate: QuantizedWeight, up: QuantizedWeight, down: QuantizedWeight, device="cpu"):
+        super().__init__()
+        hidden, dim = gate.shape
+        self.dim, self.hidden = dim, hidden
+        self.gate_up = QuantMatrices(gate.block_type, 1, 2 * hidden, dim, device)
+        self.down = QuantMatrices(down.block_type, 1, dim, hidden, device)
+        self.gate_up.store(0, _moved(_gate_up(gate, up), device))
+        self.down.store(0, _moved(down, device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.dim)  # [T, D]
+        if _uses_ggml(flat.device):
+            staged = self._staged(flat.shape[0], self.gate_up.data)
+            staged.inputs["x"].copy_(flat)
+            staged.graph.compute()
+            y = staged.output.to(x.dtype, copy=True)  # [T, D]
+        else:
+            gate, up = F.linear(flat, self.gate_up.dense(0, flat.dtype)).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down.dense(0, flat.dtype))
+        return y.view(x.shape)
+
+    def _build(self, tokens: int) -> _Staged:
+        graph = ggml.Graph()
+        x = torch.empty(tokens, self.dim, dtype=ACTIVATIONS)
+        out = torch.empty(tokens, self.dim, dtype=ACTIVATIONS)
+        gate_up = graph.mul_mat(self.gate_up.ggml_tensor(graph, 0), graph.tensor_from(x))  # [2I, T]
+        down = graph.mul_mat(self.down.ggml_tensor(graph, 0), graph.swiglu(gate_up))  # [D, T]
+        graph.finish([(down, out)])
+        return _Staged(graph, {"x": x}, out)
+
+
+class QuantExpertBank(_GraphModule):
+    """The routed experts of one layer, block-quantised: the DenseExpertBank interface.
+
+    gate_up: E matrices [2 * I, D] (gate rows, then up rows); down: E matrices [D, I]. On the CPU
+    one ggml graph runs every chosen expert of every token (mul_mat_id, swiglu, mul_mat_id) and
+    torch sums the k outputs with the router weights; elsewhere each chosen expert runs once
+    on its tokens, dequantised.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, gate_up_type: BlockType, down_type: BlockType, device="cpu"):
+        super().__init__()
+        self.dim, self.hidden = dim, hidden
+        self.gate_up = QuantMatrices(gate_up_type, n_experts, 2 * hidden, dim, device)
+        self.down = QuantMatrices(down_type, n_experts, dim, hidden, device)
+
+    def store(self, expert: int, gate: QuantizedWeight, up: QuantizedWeight, down: QuantizedWeight) -> None:
+        self.gate_up.store(expert, _moved(_gate_up(gate, up), self.gate_up.data.device))
+        self.down.store(expert, _moved(down, self.down.data.device))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], indices/weights [T, k] -> [T, D]."""
+        if not _uses_ggml(x.device):
+            return run_experts(x, indices, weights, self.expert_forward)
+        staged = self._staged(indices.shape, self.gate_up.data)
+        staged.inputs["x"].copy_(x)
+        staged.inputs["ids"].copy_(indices)
+        staged.graph.compute()
+        mixed = torch.bmm(weights.unsqueeze(1).to(ACTIVATIONS), staged.output)  # [T, 1, D]
+        return mixed.view(x.shape).to(x.dtype)
+
+    def _build(self, shape: tuple[int, int]) -> _Staged:
+        tokens, k = shape
+        graph = ggml.Graph()
+        x = torch.empty(tokens, self.dim, dtype=ACTIVATIONS)
+        ids = torch.empty(tokens, k, dtype=torch.int32)
+        out = torch.empty(tokens, k, self.dim, dtype=ACTIVATIONS)
+        x_t = graph.tensor_from(x, ne=(self.dim, 1, tokens))  # one row per token, shared by its k experts
+        ids_t = graph.tensor_from(ids)  # [k, T]
+        gate_up = graph.mul_mat_id(self.gate_up.ggml_tensor(graph), x_t, ids_t)  # [2I, k, T]
+        down = graph.mul_mat_id(self.down.ggml_tensor(graph), graph.swiglu(gate_up), ids_t)  # [D, k, T]
+        graph.finish([(down, out)])
+        return _Staged(graph, {"x": x, "ids": ids}, out)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up.dense(expert, x.dtype)).chunk(2, dim=-1)  # [N, I] each
+        return F.linear(F.silu(gate) * up, self.down.dense(expert, x.dtype))  # [N, D]
+
+
+def _moved(weight: QuantizedWeight, device) -> QuantizedWeight:
+    return QuantizedWeight(weight.data.to(device), weight.block_type, weight.in_features)
