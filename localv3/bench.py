@@ -101,9 +101,19 @@ def weights_info(path: Path) -> WeightsInfo:
         tensors = GGUFReader(str(path)).tensors
         return WeightsInfo(path.stat().st_size, sum(int(t.n_elements) for t in tensors))
     from localv3.checkpoint import SCALE_SUFFIX, CheckpointReader
+    from localv3.quantized import QUANTIZED_SUFFIX, read_manifest
 
     tensors = CheckpointReader(path).tensors.values()
-    params = sum(math.prod(t.shape) for t in tensors if not t.name.endswith(SCALE_SUFFIX))
+    manifest = read_manifest(path)
+    params = 0
+    for t in tensors:
+        if t.name.endswith(SCALE_SUFFIX):
+            continue
+        stored = manifest.format_of(t.name.removesuffix(QUANTIZED_SUFFIX) + ".weight") if manifest else None
+        if t.name.endswith(QUANTIZED_SUFFIX) and stored is not None:  # blocks: bytes -> weights
+            params += t.shape[0] * (t.shape[1] // stored.block_bytes * stored.block)
+        else:
+            params += math.prod(t.shape)
     return WeightsInfo(sum(t.nbytes for t in tensors), params)
 
 

@@ -1,7 +1,6 @@
 """`localv3 quantize --format gguf`: a Hugging Face DeepSeek checkpoint -> a llama.cpp GGUF.
 
-Architecture `deepseek2`, with the tensor names and metadata llama.cpp reads (see
-shared/reference/llama-cpp.md): MLA's kv_b_proj split into attn_k_b (per head [kv_lora, nope],
+Architecture `deepseek2`, with the tensor names and metadata llama.cpp reads: MLA's kv_b_proj split into attn_k_b (per head [kv_lora, nope],
 i.e. transposed) and attn_v_b, one KV head of kv_lora + rope, experts stacked per layer, the
 router and 1-D tensors in F32, a gpt2-style BPE vocabulary from tokenizer.json. The rope
 dimensions need no permutation: the checkpoints store them as interleaved pairs, which is

@@ -22,6 +22,7 @@ import psutil
 
 from localv3.errors import LocalV3Error
 from localv3.render import format_bytes
+from offload.kernel_probe import CpuKernels, assumed_kernels, measure_cpu_kernels
 from offload.profiles import load_profiles
 from offload.units import format_flops, format_rate, parse_bytes, parse_rate
 
@@ -64,6 +65,12 @@ class Hardware:
     disk_bw: float
     achievable: Achievable = field(default_factory=Achievable)
     basis: dict[str, str] = field(default_factory=dict)  # figure -> how it was measured or assumed
+    cpu_kernels: CpuKernels | None = None  # measured on this machine; None: assumed (kernel_probe)
+
+    @property
+    def kernels(self) -> CpuKernels:
+        """What the CPU kernels reach: measured, else assumed from the CPU's FLOP/s."""
+        return self.cpu_kernels or assumed_kernels(self.effective("cpu_flops"))
 
     @property
     def has_gpu(self) -> bool:
@@ -139,6 +146,7 @@ class StatedHardware:
             changes.update(ram_bytes=self.ram, ram_available_bytes=self.ram)
         if self.cpu_bw is not None:  # a stated figure is a peak, like the profiles' figures
             changes.update(cpu_bw=self.cpu_bw, achievable=dataclasses.replace(hw.achievable, cpu_bw=Achievable.cpu_bw))
+            changes["cpu_kernels"] = None  # another machine's memory: its kernels are assumed, not ours
         if self.pcie is not None:
             changes["pcie_bw"] = self.pcie
         if self.cores is not None:
@@ -226,6 +234,7 @@ def detect_hardware(model_path: str | Path | None = None) -> Hardware:
         disk_bw=profiles.default_disk_bw,
         achievable=measured,
         basis=basis,
+        cpu_kernels=CpuKernels.from_dict(rates["cpu_kernels"]),
     )
 
 
@@ -294,6 +303,9 @@ def _measured_rates(cpu_name: str, cores: int, ram: int, gpu_name: str | None, b
     if complete and all(cached.get(key) == value for key, value in machine.items()):
         rates = cached
         basis["cpu_bw"] = f"measured {format_rate(rates['cpu_bw'])} on {rates['measured_at']} ({path})"
+        if not _valid_kernels(rates.get("cpu_kernels")):
+            rates["cpu_kernels"] = measure_cpu_kernels(rates["cpu_bw"]).to_dict()
+            _write_cache(path, rates)
     else:
         cpu_bw, cpu_flops = measure_cpu()
         rates = {
@@ -301,11 +313,16 @@ def _measured_rates(cpu_name: str, cores: int, ram: int, gpu_name: str | None, b
             "cpu_bw": cpu_bw,
             "cpu_flops": cpu_flops,
             "pcie_bw": measure_pcie() if gpu_name else None,
+            "cpu_kernels": measure_cpu_kernels(cpu_bw).to_dict(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_cache(path, rates)
         basis["cpu_bw"] = f"measured {format_rate(cpu_bw)} just now (cached in {path})"
     basis["cpu_flops"] = f"measured {format_flops(rates['cpu_flops'])} (fp32 matrix product)"
+    kernels = rates["cpu_kernels"]
+    if kernels["read_fraction"]:
+        fractions = ", ".join(f"{scheme} {fraction:.0%}" for scheme, fraction in kernels["read_fraction"].items())
+        basis["cpu_kernels"] = f"measured: block kernels read at {fractions} of it"
     if rates["pcie_bw"]:
         basis["pcie_bw"] = f"measured {format_rate(rates['pcie_bw'])} host-to-device"
     return rates
@@ -347,6 +364,14 @@ def _best_time(work, repeats: int) -> float:
         work()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _valid_kernels(data: Any) -> bool:
+    try:
+        CpuKernels.from_dict(data)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:

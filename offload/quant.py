@@ -21,8 +21,10 @@ class Quantization:
     """The scheme of each weight role: routed experts, the dense parts, embeddings + lm_head."""
 
     experts: str = "q4"
-    dense: str = "q8"  # MLA projections, dense FFN layers, shared experts, MTP projection
-    embeddings: str = "bf16"  # embed_tokens and lm_head
+    dense: str = "q8"  # MLA projections, dense FFN layers, shared experts
+    # the matrices the runtime holds in the compute dtype: embed_tokens, lm_head, the MTP
+    # eh_proj and kv_b_proj (MLA absorbs it at load; offload.runtime.UNQUANTISED_LINEARS)
+    embeddings: str = "bf16"
 
     def __post_init__(self) -> None:
         for name in (self.experts, self.dense, self.embeddings):

@@ -11,10 +11,14 @@ device. A forward over T tokens with C cached tokens, per decoder layer:
   fixed latency); on a GPU layer they run while the GPU computes the shared expert;
 - every layer pays a fixed dispatch cost on its device.
 Disk-resident experts are read at the disk rate and computed by the CPU.
+On the CPU each weight scheme has its own rates (offload.kernel_probe, measured on a detected
+machine): ggml's block kernels stream at a fraction of the read-bandwidth probe and multiply at
+their own FLOP/s; a CPU layer's fixed cost is its torch ops and ggml graph calls.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -32,12 +36,19 @@ PCIE_LABEL = "PCIe transfers"
 FIXED_LABEL = "fixed per-layer costs"
 
 
+# One CPU decoder layer's decode step: torch ops (benchmarks/decode_op_count.py counts 62 for a
+# dense layer, ~80 for an MoE layer with its banks) and ggml graph calls (four attention
+# projections, the MLP or shared expert, the routed experts).
+CPU_OPS_PER_LAYER = 80
+CPU_GRAPHS_PER_LAYER = 6
+
+
 @dataclass(frozen=True)
 class FixedCosts:
-    """Seconds that no bandwidth explains; the runtime's measurements should replace them."""
+    """Seconds that no bandwidth explains."""
 
     gpu_layer_s: float = 40e-6  # kernel launches of one decoder layer
-    cpu_layer_s: float = 300e-6  # torch dispatch of one decoder layer (2-50 us per op, DESIGN.md 3)
+    cpu_layer_s: float | None = None  # None: from the hardware's measured op and graph costs
     handoff_s: float = 50e-6  # one GPU<->CPU hand-off: synchronise, copy latency, wake threads
 
 
@@ -114,15 +125,36 @@ class Roofline:
             if device != previous:
                 path += self._handoff(tokens)
             path += self._resident(device, layer, tokens, context)
-            path[FIXED_LABEL] += self.costs.gpu_layer_s if device == GPU else self.costs.cpu_layer_s
+            path[FIXED_LABEL] += self.costs.gpu_layer_s if device == GPU else self._cpu_layer_s
             if layer in layout.expert_devices:
                 path += self._moe(layout, device, layer, tokens)
             previous = device
         if layout.head_device != previous:
             path += self._handoff(tokens)
         head = [self.shape.group("norm"), self.shape.group("lm_head") or self.shape.group("embedding")]
-        head_bytes = sum(g.bytes(self.quant) for g in head)
-        path += self._roof(layout.head_device, head_bytes, 2 * logit_rows * sum(g.elements for g in head))
+        path += self._groups_roof(layout.head_device, head, logit_rows)
+        return path
+
+    @property
+    def _cpu_layer_s(self) -> float:
+        if self.costs.cpu_layer_s is not None:
+            return self.costs.cpu_layer_s
+        kernels = self.hardware.kernels
+        return CPU_OPS_PER_LAYER * kernels.op_seconds + CPU_GRAPHS_PER_LAYER * kernels.graph_seconds
+
+    def _groups_roof(self, device: str, groups, tokens: int) -> Counter:
+        """Reading and multiplying the tensors of `groups` once for `tokens` tokens, each weight
+        role at its scheme's rates."""
+        by_scheme: dict[str, list[float]] = {}
+        for g in groups:
+            for t in g.tensors:
+                scheme = self.quant.scheme_for(t.role)
+                part = by_scheme.setdefault(scheme.name, [0.0, 0.0])
+                part[0] += g.count * scheme.tensor_bytes(t.shape)
+                part[1] += g.count * 2 * tokens * math.prod(t.shape)
+        path: Counter = Counter()
+        for scheme, (nbytes, flops) in by_scheme.items():
+            path += self._roof(device, nbytes, flops, scheme)
         return path
 
     # ----- stages ---------------------------------------------------------------------------
@@ -131,20 +163,18 @@ class Roofline:
         s = self.shape
         kv_bytes = context * s.kv_bytes_per_token_per_layer
         attention_flops = 2 * tokens * context * s.num_attention_heads * (2 * s.kv_lora_rank + s.qk_rope_head_dim)
-        weight_bytes = sum(g.bytes(self.quant) for g in groups)
-        weight_flops = 2 * tokens * sum(g.elements for g in groups)
-        return self._roof(device, weight_bytes + kv_bytes, weight_flops + attention_flops)
+        return self._groups_roof(device, groups, tokens) + self._roof(device, kv_bytes, attention_flops)
 
     def _moe(self, layout: Layout, device: str, layer: int, tokens: int) -> Counter:
         """The shared expert on the layer's device; routed experts wherever they live. On a GPU
         layer the CPU's experts run while the GPU does the shared expert and its own experts."""
         shared = self.shape.group("shared_expert", layer)
-        shared_part = self._roof(device, shared.bytes(self.quant), 2 * tokens * shared.elements) if shared else Counter()
+        shared_part = self._groups_roof(device, [shared], tokens) if shared else Counter()
         read, flops = self._expert_traffic(layout, layer, tokens)
-        gpu_part = self._roof(GPU, read[GPU], flops[GPU]) if read[GPU] else Counter()
+        gpu_part = self._roof(GPU, read[GPU], flops[GPU], self.quant.experts) if read[GPU] else Counter()
         cpu_part: Counter = Counter()
         if read[CPU] or read[DISK]:
-            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK])
+            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK], self.quant.experts)
             if read[DISK]:
                 cpu_part[DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
         local, remote = (gpu_part, cpu_part) if device == GPU else (cpu_part, gpu_part)
@@ -166,10 +196,14 @@ class Roofline:
             flops[device] += 2 * tokens * p * experts.unit_elements
         return read, flops
 
-    def _roof(self, device: str, nbytes: float, flops: float) -> Counter:
+    def _roof(self, device: str, nbytes: float, flops: float, scheme: str | None = None) -> Counter:
+        """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates."""
         hw = self.hardware
-        memory_s = nbytes / hw.effective(f"{device}_bw")
-        compute_s = flops / hw.effective(f"{device}_flops")
+        bandwidth, compute = hw.effective(f"{device}_bw"), hw.effective(f"{device}_flops")
+        if device == CPU and scheme is not None:
+            bandwidth, compute = hw.kernels.read_rate(scheme, bandwidth), hw.kernels.flop_rate(scheme, compute)
+        memory_s = nbytes / bandwidth
+        compute_s = flops / compute
         if memory_s >= compute_s:
             return Counter({BANDWIDTH_LABEL[device]: memory_s})
         return Counter({COMPUTE_LABEL[device]: compute_s})

@@ -180,7 +180,7 @@ def _attention(c: ModelConfig) -> list[TensorSpec]:
     tensors += [
         _matrix("kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, "dense"),
         _vector("kv_a_layernorm.weight", c.kv_lora_rank),
-        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "dense"),
+        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "embeddings"),
         _matrix("o_proj", h, heads * c.v_head_dim, "dense"),
     ]
     if c.attention_bias:
@@ -204,7 +204,7 @@ def _decoder_layer(c: ModelConfig, layer: int) -> list[TensorGroup]:
         mtp = (
             _vector("enorm.weight", h),
             _vector("hnorm.weight", h),
-            _matrix("eh_proj", h, 2 * h, "dense"),
+            _matrix("eh_proj", h, 2 * h, "embeddings"),
             _vector("shared_head.norm.weight", h),
         )
         groups.append(TensorGroup(f"{prefix}.mtp", "mtp", layer, mtp))

@@ -308,17 +308,29 @@ def test_experts_barred_from_disk_suggest_the_quantisation_that_fits(v3):
 
 # ----- the roofline ------------------------------------------------------------------------------
 def test_cpu_decode_is_bytes_read_over_bandwidth_when_nothing_else_costs(moonlight):
-    """With fixed costs off and compute plentiful, a token costs exactly the bytes it reads."""
+    """With fixed costs off and compute plentiful, a token costs exactly the bytes it reads, each
+    scheme's bytes at the rate its CPU kernels stream at (assumed fractions of the bandwidth
+    here: the hardware is made up, not measured)."""
     hardware = made_up(gpu_gib=0, ram_gib=64, cpu_bw=100e9)
     hardware = Hardware(**{**hardware.__dict__, "cpu_flops": 1e18})
     quant = Quantization()
     context = 1000
     p = plan(moonlight, quant, hardware, context, Policy(costs=FixedCosts(0.0, 0.0, 0.0)))
     s = moonlight
-    resident = sum(g.bytes(quant) for g in s.groups if g.kind not in ("routed_expert", "embedding"))
+    bandwidth = 100e9 * hardware.achievable.cpu_bw
+    assert hardware.kernels.read_rate("q4", bandwidth) == 0.65 * bandwidth  # documented assumptions
+    assert hardware.kernels.read_rate("bf16", bandwidth) == bandwidth
+
+    def seconds(tensors) -> float:
+        return sum(
+            count * quant.scheme_for(t.role).tensor_bytes(t.shape) / hardware.kernels.read_rate(quant.scheme_for(t.role).name, bandwidth)
+            for count, t in tensors
+        )
+
+    resident = [(1, t) for g in s.groups if g.kind not in ("routed_expert", "embedding") for t in g.tensors]
+    experts = [(s.experts_per_token, t) for layer in s.moe_layers for t in s.group("routed_expert", layer).tensors]
     kv = context * s.kv_bytes_per_token_per_layer * s.num_layers
-    experts = sum(s.experts_per_token * s.group("routed_expert", layer).unit_bytes(quant) for layer in s.moe_layers)
-    expected_s = (resident + kv + experts) / (100e9 * hardware.achievable.cpu_bw)
+    expected_s = seconds(resident) + seconds(experts) + kv / bandwidth
     assert 1 / p.predicted.decode_tok_s == pytest.approx(expected_s, rel=1e-9)
     assert p.predicted.decode_seconds == {"CPU memory bandwidth": pytest.approx(expected_s)}
 

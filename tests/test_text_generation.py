@@ -135,3 +135,20 @@ def test_unreadable_generation_config_is_one_clear_error(tmp_path):
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(LocalV3Error, match="generation_config.json is not readable JSON"):
         model_sampling_defaults(tmp_path)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_prefill_gives_the_one_pass_logits_and_mtp_tokens(engine, monkeypatch, chunk):
+    """A prompt prefilled in chunks (long prompts, bounded memory) leaves the same cache, logits
+    and hidden states as one pass: greedy MTP speculation then emits the same tokens."""
+    from localv3.engines import native
+
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Count to five, then say done."}])
+    whole = engine.new_session(64)
+    expected = whole.prefill(ids)
+    expected_tokens = engine.generate(ids, max_new_tokens=12)
+    monkeypatch.setattr(native, "PREFILL_CHUNK", chunk)
+    chunked = engine.new_session(64)
+    torch.testing.assert_close(chunked.prefill(ids), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunked.last_hidden, whole.last_hidden, atol=1e-4, rtol=0)
+    assert engine.generate(ids, max_new_tokens=12) == expected_tokens

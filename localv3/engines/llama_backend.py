@@ -1,6 +1,6 @@
 """The parts of llama.cpp (through llama-cpp-python's ctypes bindings) that localv3 uses beside
 the engine: backend start-up with its log captured, tensor buffer-type overrides, and
-`llama_model_quantize`. Facts and pitfalls: shared/reference/llama-cpp.md.
+`llama_model_quantize`.
 """
 
 from __future__ import annotations

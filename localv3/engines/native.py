@@ -14,6 +14,9 @@ from localv3.speculative import MTPSpeculation
 from localv3.tokenizer import Tokenizer
 
 
+PREFILL_CHUNK = 512  # tokens per prefill forward
+
+
 class NativeSession:
     """One sequence: a preallocated latent cache and the position reached."""
 
@@ -37,7 +40,17 @@ class NativeSession:
         return logits[0]
 
     def prefill(self, token_ids: list[int]) -> torch.Tensor:
-        return self.forward(token_ids, logits_rows=1)[-1]
+        """The prompt in chunks of PREFILL_CHUNK tokens (activation memory stays bounded for long
+        prompts; each chunk is one batched call per expert bank) -> the last position's logits [V].
+        `last_hidden` then holds every prefilled position (MTP fills its cache rows from it)."""
+        hidden = []
+        for first in range(0, len(token_ids), PREFILL_CHUNK):
+            chunk = token_ids[first : first + PREFILL_CHUNK]
+            last = first + len(chunk) == len(token_ids)
+            logits = self.forward(chunk, logits_rows=1 if last else 0)
+            hidden.append(self.last_hidden)
+        self.last_hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=1)  # [1, S, D]
+        return logits[-1]
 
     def decode(self, token_id: int) -> torch.Tensor:
         return self.forward([token_id], logits_rows=1)[-1]

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import importlib.util
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -299,13 +300,24 @@ def row_bytes(ggml_type: int, n: int) -> int:
     return lib().ggml_row_size(ggml_type, n)
 
 
-def quantize_rows(values: torch.Tensor, ggml_type: int) -> torch.Tensor:
+def quantize_rows(values: torch.Tensor, ggml_type: int, threads: int | None = None) -> torch.Tensor:
     """fp32-able [rows, n] -> uint8 [rows, row_bytes] in ggml's block layout (its reference
-    quantiser, no importance matrix)."""
+    quantiser, no importance matrix), rows split over `threads` (default: torch's) threads:
+    the C call releases the GIL, and Q4_K's search for scales costs ~0.2 us per weight."""
     rows, n = values.shape
     source = values.float().contiguous()
     out = torch.empty(rows, row_bytes(ggml_type, n), dtype=torch.uint8)
-    written = lib().ggml_quantize_chunk(ggml_type, source.data_ptr(), out.data_ptr(), 0, rows, n, None)
-    if written != out.numel():
-        raise GgmlError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.numel()}")
+    threads = max(1, min(threads or compute_threads(), rows))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+
+    def quantize(first: int, last: int) -> None:
+        written = lib().ggml_quantize_chunk(ggml_type, source.data_ptr(), out.data_ptr(), first * n, last - first, n, None)
+        if written != out[first:last].numel():
+            raise GgmlError(f"ggml_quantize_chunk wrote {written} bytes, expected {out[first:last].numel()}")
+
+    if threads == 1:
+        quantize(0, rows)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(quantize, bounds[:-1], bounds[1:]))
     return out

@@ -1,0 +1,124 @@
+"""What the engine's CPU kernels reach on this machine, for the roofline: per weight scheme the
+fraction of the read-bandwidth probe that a one-token product streams at, and the FLOP/s of a
+prefill-sized product; and the fixed cost of one torch op and of one ggml graph call.
+
+The products are the engine's own (localv3.formats.modules.QuantExpertBank: ggml's mul_mat_id
+graph) over DeepSeek-V3 expert shapes, on weights larger than the caches. Block contents do not
+change the kernels' speed, so the weights are random bytes (quantising ~200 MB would take longer
+than the probe). Stated and profile hardware use `ASSUMED`, never this machine's figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+DIM, HIDDEN = 7168, 2048  # a DeepSeek-V3 routed expert
+READ_SET_BYTES = 192 * 2**20  # weights streamed per one-token product: beyond the caches
+PREFILL_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    read_fraction: dict[str, float] = field(default_factory=dict)  # scheme -> of the probe's bandwidth
+    flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s at PREFILL_TOKENS tokens
+    op_seconds: float = 4e-6  # one small torch op, dispatch included
+    graph_seconds: float = 30e-6  # one ggml graph call on a tiny matrix: thread wake-up, ctypes
+
+    def read_rate(self, scheme: str, cpu_bw: float) -> float:
+        """Bytes/s a one-token product of `scheme` weights streams at (float schemes: the probe's)."""
+        return cpu_bw * self.read_fraction.get(scheme, 1.0)
+
+    def flop_rate(self, scheme: str, cpu_flops: float) -> float:
+        """FLOP/s of `scheme` products (float schemes: the probe's fp32 matrix product)."""
+        return self.flops.get(scheme, cpu_flops)
+
+    def to_dict(self) -> dict:
+        return {"read_fraction": self.read_fraction, "flops": self.flops, "op_seconds": self.op_seconds, "graph_seconds": self.graph_seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CpuKernels:
+        return cls(
+            read_fraction={str(k): float(v) for k, v in data["read_fraction"].items()},
+            flops={str(k): float(v) for k, v in data["flops"].items()},
+            op_seconds=float(data["op_seconds"]),
+            graph_seconds=float(data["graph_seconds"]),
+        )
+
+
+# Hardware that is stated or named, not measured: ggml's block kernels stream at about two
+# thirds of the read bandwidth (llama.cpp's Q4_K_M at ~65%, Q8_0 a little better), and their
+# integer dot products multiply about twice as fast as an fp32 matrix product; these fractions
+# apply to the profile's own FLOP/s through `flops_factor`.
+ASSUMED = CpuKernels(read_fraction={"q4": 0.65, "q8": 0.7})
+ASSUMED_FLOPS_FACTOR = {"q4": 2.0, "q8": 2.0}
+
+
+def assumed_kernels(cpu_flops: float) -> CpuKernels:
+    return CpuKernels(
+        read_fraction=dict(ASSUMED.read_fraction),
+        flops={scheme: factor * cpu_flops for scheme, factor in ASSUMED_FLOPS_FACTOR.items()},
+    )
+
+
+def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), repeats: int = 3) -> CpuKernels:
+    """Measures this machine (a few seconds); `cpu_bw` is the read-bandwidth probe's figure."""
+    from localv3.formats import ggml
+
+    if not ggml.available():
+        return CpuKernels(op_seconds=_op_seconds(), graph_seconds=0.0)
+    read_fraction, flops = {}, {}
+    for scheme in schemes:
+        bank = _random_bank(scheme)
+        n_experts = bank.gate_up.data.shape[0]
+        nbytes = bank.gate_up.data.nbytes + bank.down.data.nbytes
+        read_fraction[scheme] = nbytes / _best(lambda: _run(bank, 1, n_experts), repeats) / cpu_bw
+        flops[scheme] = 2 * PREFILL_TOKENS * 3 * DIM * HIDDEN / _best(lambda: _run(bank, PREFILL_TOKENS, 1), repeats)
+    return CpuKernels(read_fraction, flops, _op_seconds(), _graph_seconds())
+
+
+def _random_bank(scheme: str):
+    from localv3.formats.modules import QuantExpertBank
+    from localv3.formats.table import FORMATS
+
+    fmt = FORMATS[scheme]
+    gate_up_type, down_type = fmt.block_type(DIM), fmt.block_type(HIDDEN)
+    per_expert = 2 * HIDDEN * gate_up_type.row_bytes(DIM) + DIM * down_type.row_bytes(HIDDEN)
+    bank = QuantExpertBank(max(READ_SET_BYTES // per_expert, 1), DIM, HIDDEN, gate_up_type, down_type)
+    generator = torch.Generator().manual_seed(0)
+    for data in (bank.gate_up.data, bank.down.data):
+        data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8, generator=generator))
+    return bank
+
+
+def _run(bank, tokens: int, top_k: int) -> None:
+    """Every token picks the first `top_k` experts (all of them at one token: the whole set streams)."""
+    indices = torch.arange(top_k).expand(tokens, top_k)  # [T, k]
+    bank(torch.randn(tokens, DIM), indices, torch.ones(tokens, top_k))
+
+
+def _op_seconds(count: int = 2000) -> float:
+    a, b = torch.ones(64), torch.ones(64)
+    return _best(lambda: [torch.add(a, b) for _ in range(count)], 3) / count
+
+
+def _graph_seconds(count: int = 200) -> float:
+    from localv3.formats.blocks import quantize_weight
+    from localv3.formats.modules import QuantLinear
+    from localv3.formats.table import FORMATS
+
+    layer = QuantLinear.from_weight(quantize_weight(torch.randn(32, 256), FORMATS["q8"]))
+    x = torch.randn(1, 256)
+    return _best(lambda: [layer(x) for _ in range(count)], 3) / count
+
+
+def _best(work, repeats: int) -> float:
+    work()  # builds graphs, faults pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
