@@ -154,6 +154,7 @@ def load_transformer(
             else:
                 set_module(model, name, QuantLinear.from_weight(weight, module.bias, place(f"{name}.weight")))
     model.rotary = RotaryEmbedding(config).to(place("rotary"))
+    model.absorb_kv_b()
     return model.eval()
 
 

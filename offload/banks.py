@@ -41,6 +41,8 @@ class BankSlice(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], indices/weights [T, k] on one device -> this slice's share of the output [T, D] there."""
+        if self.whole and x.device == self.device:
+            return self.bank(x, indices, weights)
         if self.whole:
             y = self.bank(x.to(self.device), indices.to(self.device), weights.to(self.device))
             return y.to(x.device)
@@ -120,6 +122,8 @@ class PlacedExperts(nn.Module):
 
     @staticmethod
     def _sum(slices, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if len(slices) == 1:
+            return slices[0](x, indices, weights)
         out = torch.zeros_like(x)  # [T, D]
         for s in slices:
             out = out + s(x, indices, weights)

@@ -135,6 +135,7 @@ def build_model(
         _place_experts(moe, layer, weights, config, layout, devices, quant.experts, dtype)
     model.rotary = RotaryEmbedding(config).to(devices.of_param("rotary"))
     _check_materialised(model)
+    model.absorb_kv_b()
     return model.eval()
 
 

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 import localv3
 from localv3.config import ModelConfig
 from localv3.model.cache import LatentCache
-from localv3.model.moe import MoE
+from localv3.model.moe import DenseExpertBank, MoE, Router
+from localv3.model.norm import RMSNorm
+from localv3.model.rope import RotaryEmbedding, apply_rope
 from localv3.synthetic import write_checkpoint
 from fp8_twin import write_dequantized_twin
-from model_configs import DEEPSEEK_V3_FULL, V3_FP8, V3_MTP
+from model_configs import DEEPSEEK_V3_FULL, KIMI_K2_STYLE, V2_GROUP_LIMITED, V2_LITE, V3_FP8, V3_MTP
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,99 @@ def test_generate_is_greedy_and_deterministic(v3_dir):
     sampled_a = engine.generate(prompt, 12, temperature=0.8, seed=11, stop_token_ids=[])
     sampled_b = engine.generate(prompt, 12, temperature=0.8, seed=11, stop_token_ids=[])
     assert sampled_a == sampled_b
+
+
+def reference_routing(router: Router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router as first written (one mask over all experts, repeat_interleave'd from the groups)."""
+    scores = F.linear(x.float(), router.weight.float())
+    scores = scores.sigmoid() if router.scoring_func == "sigmoid" else scores.softmax(dim=-1)
+    choice = scores
+    per_group = router.n_experts // router.n_group
+    if router.topk_method in ("noaux_tc", "group_limited_greedy"):
+        if router.topk_method == "noaux_tc":
+            choice = scores + router.e_score_correction_bias
+            group_scores, fill = choice.view(-1, router.n_group, per_group).topk(2, dim=-1)[0].sum(-1), float("-inf")
+        else:
+            group_scores, fill = scores.view(-1, router.n_group, per_group).amax(dim=-1), 0.0
+        best = group_scores.topk(router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(per_group, dim=1), fill)
+    indices = choice.topk(router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if router.norm_topk_prob and router.top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return indices, weights * router.routed_scaling_factor
+
+
+def by_expert(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (experts, weights) sorted by expert: topk(sorted=False) order is unspecified."""
+    order = indices.argsort(dim=-1)
+    return indices.gather(1, order), weights.gather(1, order)
+
+
+@pytest.mark.parametrize("name", ["v3", "v2_lite", "v2_group_limited", "kimi_k2_style"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_picks_exactly_what_the_reference_routing_picks(name, dtype):
+    raw = {"v3": V3_MTP, "v2_lite": V2_LITE, "v2_group_limited": V2_GROUP_LIMITED, "kimi_k2_style": KIMI_K2_STYLE}[name]
+    config = ModelConfig.from_dict(raw)
+    router = Router(config)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g) / config.hidden_size**0.5)
+        if router.topk_method == "noaux_tc":
+            router.e_score_correction_bias.copy_(0.1 * torch.randn(config.n_routed_experts, generator=g))
+    x = torch.randn(33, config.hidden_size, generator=g).to(dtype)
+    got, expected = by_expert(*router(x)), by_expert(*reference_routing(router, x))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_run_experts_sums_each_tokens_weighted_expert_outputs():
+    g = torch.Generator().manual_seed(6)
+    bank = DenseExpertBank(8, 16, 12)
+    with torch.no_grad():
+        bank.gate_up.copy_(torch.randn(bank.gate_up.shape, generator=g) / 4)
+        bank.down.copy_(torch.randn(bank.down.shape, generator=g) / 3)
+    x = torch.randn(5, 16, generator=g)
+    indices = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)])  # [T, k]
+    weights = torch.rand(5, 3, generator=g)
+
+    def token_output(t: int) -> torch.Tensor:
+        return sum(weights[t, j] * bank.expert_forward(int(indices[t, j]), x[t : t + 1])[0] for j in range(3))
+
+    expected = torch.stack([token_output(t) for t in range(5)])  # [T, D]
+    torch.testing.assert_close(bank(x, indices, weights), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [16, 80, 7168])
+def test_rms_norm_is_bit_for_bit_the_transformers_formula(dtype, dim):
+    g = torch.Generator().manual_seed(dim)
+    norm = RMSNorm(dim, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim, generator=g))
+    x = (3 * torch.randn(2, 5, dim, generator=g)).to(dtype)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(norm(x), expected)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_rotates_each_pair_bit_for_bit_as_transformers(interleaved):
+    """transformers de-interleaves (if interleaved), then x cos + rotate_half(x) sin; ours rotates
+    pairs where they lie: the same numbers, in the checkpoint's pair layout."""
+    config = ModelConfig.from_dict({**V3_MTP, "rope_interleave": interleaved})
+    rotary = RotaryEmbedding(config)
+    positions = torch.arange(5, 12)
+    cos, sin = rotary(positions, torch.float32)  # [S, 1, R]
+    x = torch.randn(2, 7, 3, config.qk_rope_head_dim, generator=torch.Generator().manual_seed(8))  # [B, S, H, R]
+    got = apply_rope(x, cos, sin, interleaved)
+
+    half = config.qk_rope_head_dim // 2
+    freqs = positions.float()[:, None] * rotary.inv_freq[None, :]  # [S, R/2]
+    cos2 = (torch.cat([freqs, freqs], -1).cos() * rotary.attention_factor)[:, None]  # [S, 1, R]
+    sin2 = (torch.cat([freqs, freqs], -1).sin() * rotary.attention_factor)[:, None]
+    halves = torch.cat([x[..., 0::2], x[..., 1::2]], -1) if interleaved else x
+    rotate_half = torch.cat([-halves[..., half:], halves[..., :half]], -1)
+    expected = halves * cos2 + rotate_half * sin2
+    got_halves = torch.cat([got[..., 0::2], got[..., 1::2]], -1) if interleaved else got
+    assert torch.equal(got_halves, expected)

@@ -1,8 +1,9 @@
 """Multi-head Latent Attention (MLA) with a naive and an absorbed path over one latent cache.
 
-Naive: expand every cached latent through kv_b_proj into per-head keys and values.
-Absorbed: fold W_UK into the query and W_UV into the output, so attention runs directly
-on the cached latents (the path DeepSeek uses for decoding).
+kv_b_proj maps a cached latent (kv_lora_rank = C) to every head's key (nope part) and value;
+`absorb_kv_b` splits its weight once, after loading, into W_UK and W_UV. Naive: expand every
+cached latent into per-head keys and values. Absorbed: fold W_UK into the query and W_UV into
+the output, so attention runs directly on the cached latents (the path DeepSeek uses for decoding).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from localv3.config import ModelConfig
 from localv3.model.cache import LatentCache
 from localv3.model.norm import RMSNorm
-from localv3.model.rope import apply_rope
+from localv3.model.rope import apply_rope, rope_interleaved
 
 
 class MLA(nn.Module):
@@ -26,7 +27,7 @@ class MLA(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
         self.softmax_scale = c.softmax_scale
-        self.rope_interleaved = c.rope_interleave or c.model_type == "deepseek_v2"
+        self.rope_interleaved = rope_interleaved(c)
         self.absorb = True
         qk_dim = c.qk_head_dim
         if c.q_lora_rank is None:
@@ -40,66 +41,105 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
 
+    def absorb_kv_b(self) -> None:
+        """Split kv_b_proj's weight [H * (nope + v), C] once into the buffers w_uk [H, nope, C]
+        and w_uv [H, C, v], and drop kv_b_proj, so that no forward re-derives them.
+
+        Both are the right-hand operands of forward's per-head batched matmuls as stored
+        (q_nope [H, B*S, nope] @ w_uk, context [H, B*S, C] @ w_uv), contiguous, in kv_b_proj's
+        dtype (the compute dtype). At V3 width on the 2-core AVX2 CPU every layout runs alike at
+        batch 1, and bf16 storage is no faster than fp32 there (its kernel is compute-bound),
+        while fp32 models must stay fp32 to match transformers (benchmarks/decode_op_count.py).
+        """
+        weight = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = weight.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, C], [H, v, C]
+        self.register_buffer("w_uk", w_uk.contiguous())
+        self.register_buffer("w_uv", w_uv.transpose(1, 2).contiguous())  # [H, C, v]
+        del self.kv_b_proj
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, C], W_UV [H, C, v]): the absorbed buffers; before `absorb_kv_b` (a model
+        being trained, scripts/train_tiny.py) views of kv_b_proj.weight, so gradients reach it."""
+        if not hasattr(self, "kv_b_proj"):
+            return self.w_uk, self.w_uv
+        weight = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return weight[:, : self.nope_dim], weight[:, self.nope_dim :].transpose(1, 2)
+
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def _kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj as [H, nope + v, kv_lora_rank] (dequantised if the module is quantised)."""
-        weight = getattr(self.kv_b_proj, "dense_weight", None)
-        weight = weight() if callable(weight) else self.kv_b_proj.weight
-        return weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-
     def forward(
         self,
         x: torch.Tensor,  # [B, S, D]
         start: int,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [S, 1, rope]
         cache: LatentCache,
         cache_layer: int,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
+        cos, sin = rope
         q = self._query(x).view(bsz, seq, self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        cos, sin = rope
         q_rope = apply_rope(q_rope, cos, sin, self.rope_interleaved)  # [B, S, H, rope]
-
-        kv = self.kv_a_proj_with_mqa(x)  # [B, S, kv_lora + rope]
-        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [B, S, C]
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, self.rope_interleaved).squeeze(2)  # [B, S, rope]
+        latent = self.kv_a_layernorm(latent)  # [B, S, C]
         latents, rope_keys = cache.write(cache_layer, start, latent, k_rope)  # [B, T, C], [B, T, rope]
-        mask = _causal_mask(seq, latents.shape[1], start, x.device)  # [S, T]
+        mask = _future_mask(seq, latents.shape[1], start, x.device)  # [S, T] or None
+        attend = self._absorbed if self.absorb else self._naive
+        return self.o_proj(attend(q_nope, q_rope, latents, rope_keys, mask))
 
-        wkv_b = self._kv_b_weight().to(x.dtype)  # [H, nope+v, C]
-        w_uk, w_uv = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim :]  # [H, nope, C], [H, v, C]
-        if self.absorb:
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [B, S, H, C]
-            scores = torch.einsum("bshc,btc->bsht", q_latent, latents) + torch.einsum(
-                "bshr,btr->bsht", q_rope, rope_keys
-            )  # [B, S, H, T]
-            probs = _softmax(scores * self.softmax_scale, mask[None, :, None, :], x.dtype)
-            context_latent = torch.einsum("bsht,btc->bshc", probs, latents)  # [B, S, H, C]
-            out = torch.einsum("bshc,hvc->bshv", context_latent, w_uv)  # [B, S, H, v]
-        else:
-            k_nope = torch.einsum("btc,hdc->bthd", latents, w_uk)  # [B, T, H, nope]
-            values = torch.einsum("btc,hvc->bthv", latents, w_uv)  # [B, T, H, v]
-            scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum(
-                "bshr,btr->bsht", q_rope, rope_keys
-            )
-            probs = _softmax(scores * self.softmax_scale, mask[None, :, None, :], x.dtype)
-            out = torch.einsum("bsht,bthv->bshv", probs, values)  # [B, S, H, v]
-        return self.o_proj(out.reshape(bsz, seq, self.n_heads * self.v_dim))
+    def _absorbed(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
+        """Attention over the latents themselves: q_nope through W_UK, the context through W_UV.
+
+        q_nope [B, S, H, nope], q_rope [B, S, H, rope], latents [B, T, C], rope_keys [B, T, rope]
+        -> [B, S, H * v]. Heads stay ahead of positions ([B, H*S, *]), so at B = 1 every reshape
+        is a view.
+        """
+        bsz, seq, heads, _ = q_nope.shape
+        rank = self.kv_lora_rank
+        w_uk, w_uv = self._up_projections()
+        q_nope = q_nope.permute(2, 0, 1, 3).reshape(heads, bsz * seq, self.nope_dim)  # [H, B*S, nope]
+        q_latent = torch.bmm(q_nope, w_uk).view(heads, bsz, seq, rank)  # [H, B, S, C]
+        q_latent = q_latent.transpose(0, 1).reshape(bsz, heads * seq, rank)  # [B, H*S, C]
+        q_rope = q_rope.transpose(1, 2).reshape(bsz, heads * seq, self.rope_dim)  # [B, H*S, rope]
+        rope_scores = torch.bmm(q_rope, rope_keys.transpose(1, 2))  # [B, H*S, T]
+        scale = self.softmax_scale
+        scores = torch.baddbmm(rope_scores, q_latent, latents.transpose(1, 2), beta=scale, alpha=scale)  # [B, H*S, T]
+        probs = _attention_probs(scores.view(bsz, heads, seq, -1), mask)  # [B, H, S, T]
+        context = torch.bmm(probs.view(bsz, heads * seq, -1), latents)  # [B, H*S, C]
+        context = context.view(bsz, heads, seq, rank).transpose(0, 1).reshape(heads, bsz * seq, rank)  # [H, B*S, C]
+        out = torch.bmm(context, w_uv).view(heads, bsz, seq, self.v_dim)  # [H, B, S, v]
+        return out.permute(1, 2, 0, 3).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
+
+    def _naive(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
+        """Attention over per-head keys and values expanded from every cached latent (shapes as `_absorbed`)."""
+        bsz, seq, heads, _ = q_nope.shape
+        w_uk, w_uv = self._up_projections()
+        k_nope = torch.einsum("btc,hdc->bhtd", latents, w_uk)  # [B, H, T, nope]
+        values = torch.einsum("btc,hcv->bhtv", latents, w_uv)  # [B, H, T, v]
+        scores = torch.einsum("bshd,bhtd->bhst", q_nope, k_nope) + torch.einsum(
+            "bshr,btr->bhst", q_rope, rope_keys
+        )  # [B, H, S, T]
+        probs = _attention_probs(scores * self.softmax_scale, mask)  # [B, H, S, T]
+        out = torch.einsum("bhst,bhtv->bshv", probs, values)  # [B, S, H, v]
+        return out.reshape(bsz, seq, heads * self.v_dim)
 
 
-def _causal_mask(seq: int, total: int, start: int, device: torch.device) -> torch.Tensor:
-    """Boolean [S, T]: query at position start+i may see keys 0..start+i."""
+def _future_mask(seq: int, total: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [S, T], true where key j lies after query i (position start+i); None for one
+    query at the end of the cache (a decode step), which sees every key."""
+    if seq == 1:
+        return None
     query_pos = torch.arange(start, start + seq, device=device)[:, None]
     key_pos = torch.arange(total, device=device)[None, :]
-    return key_pos <= query_pos
+    return key_pos > query_pos
 
 
-def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return F.softmax(scores, dim=-1).to(dtype)
+def _attention_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys in fp32 (as transformers), back in the scores' dtype: [B, H, S, T]."""
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)

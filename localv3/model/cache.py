@@ -42,9 +42,10 @@ class LatentCache:
         end = start + latent.shape[1]
         if end > self.max_tokens:
             raise ContextFullError(self.max_tokens)
-        self.latent[layer][:, start:end] = latent
-        self.rope_key[layer][:, start:end] = rope_key
-        return self.latent[layer][:, :end], self.rope_key[layer][:, :end]
+        rows = latent.shape[1]
+        self.latent[layer].narrow(1, start, rows).copy_(latent)
+        self.rope_key[layer].narrow(1, start, rows).copy_(rope_key)
+        return self.latent[layer].narrow(1, 0, end), self.rope_key[layer].narrow(1, 0, end)
 
 
 class ContextFullError(Exception):

@@ -53,31 +53,33 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (indices [T, k] int64, weights [T, k] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        if self.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
-        if self.topk_method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias
-            group_scores = choice.view(-1, self.n_group, self.n_experts // self.n_group).topk(2, dim=-1)[0].sum(-1)
-            choice = self._mask_to_best_groups(choice, group_scores, float("-inf"))
-        elif self.topk_method == "group_limited_greedy":
-            group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(dim=-1)
-            choice = self._mask_to_best_groups(scores, group_scores, 0.0)
-        else:
-            choice = scores
-        indices = choice.topk(self.top_k, dim=-1, sorted=False)[1]  # [T, k]
+        logits = F.linear(x.float(), self.weight)  # [T, E]; the weight is fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
+        indices = self._choice(scores).topk(self.top_k, dim=-1, sorted=False).indices  # [T, k]
         weights = scores.gather(1, indices)  # [T, k]
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return indices, weights * self.routed_scaling_factor
 
-    def _mask_to_best_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
-        best_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)  # [T, G]
-        expert_mask = group_mask.repeat_interleave(self.n_experts // self.n_group, dim=1)  # [T, E]
-        return scores.masked_fill(~expert_mask, fill)
+    def _choice(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores [T, E] the top-k picks from: biased for noaux_tc, and with the experts
+        outside the topk_group best groups masked where groups limit the choice (a group scores
+        the sum of its top-2 for noaux_tc, its best for group_limited_greedy). Nothing is masked
+        where every group is kept (one group, as Kimi-K2)."""
+        if self.topk_method == "noaux_tc":
+            scores = scores + self.e_score_correction_bias
+        elif self.topk_method != "group_limited_greedy":
+            return scores
+        if self.topk_group >= self.n_group:
+            return scores
+        grouped = scores.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
+        if self.topk_method == "noaux_tc":
+            group_scores, fill = grouped.topk(2, dim=-1).values.sum(dim=-1), float("-inf")  # [T, G]
+        else:
+            group_scores, fill = grouped.amax(dim=-1), 0.0  # [T, G]
+        best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best, False)  # [T, G]
+        return grouped.masked_fill(dropped.unsqueeze(-1), fill).view_as(scores)
 
 
 class DenseExpertBank(nn.Module):
@@ -102,22 +104,20 @@ class DenseExpertBank(nn.Module):
 def run_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert_forward) -> torch.Tensor:
     """Group tokens by expert, run each chosen expert once on its tokens, sum weighted outputs.
 
-    x: [T, D]; indices, weights: [T, k]; expert_forward(e, x_e [N, D]) -> [N, D].
+    x: [T, D]; indices, weights: [T, k]; expert_forward(e, x_e [N, D]) -> [N, D]. Outputs are
+    added in ascending expert order. The per-expert counts are the one host sync: Python must
+    know which experts to call.
     """
     out = torch.zeros_like(x)
     flat = indices.flatten()  # [T*k]
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=1).tolist()
-    token_of = order // indices.shape[1]  # [T*k], token index of each sorted slot
-    weight_of = weights.flatten()[order]
-    offset = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = token_of[offset : offset + count]
-        y = expert_forward(expert, x[rows]) * weight_of[offset : offset + count, None].to(x.dtype)
-        out.index_add_(0, rows, y)
-        offset += count
+    order = flat.argsort(stable=True)  # [T*k], slots grouped by expert
+    counts = torch.bincount(flat).tolist()
+    chosen = [expert for expert, count in enumerate(counts) if count]
+    sizes = [counts[expert] for expert in chosen]
+    token_of = (order // indices.shape[1]).split(sizes)  # per chosen expert: its tokens [N]
+    weight_of = weights.flatten()[order].to(x.dtype).unsqueeze(1).split(sizes)  # per chosen expert: [N, 1]
+    for expert, rows, weight in zip(chosen, token_of, weight_of):
+        out.index_add_(0, rows, expert_forward(expert, x[rows]) * weight)
     return out
 
 

@@ -1,8 +1,11 @@
 """Rotary position embedding with YaRN, as DeepSeek-V3 and Hugging Face transformers define it.
 
-The checkpoints store the rope dimensions as interleaved pairs (x0, x1), (x2, x3), ...;
-`apply_rope` rotates each pair and lays the result out de-interleaved ([evens, odds]).
-Queries and keys use the same layout, so scores are those of the interleaved rotation.
+The checkpoints store the rope dimensions as interleaved pairs (x0, x1), (x2, x3), ...
+(rope_interleave, the default) or as halves (x_i, x_{i+R/2}). `apply_rope` rotates each pair
+where it lies: x * cos + swap(x) * sin, with the cos/sin tables laid out to match (sin negated
+on each pair's first element) and swap exchanging the two elements of every pair. Hugging Face
+lays interleaved results out de-interleaved ([evens, odds]); queries and keys here share one
+layout, so scores are the same, and a cache of roped keys must not be mixed between the two.
 """
 
 from __future__ import annotations
@@ -49,28 +52,43 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
+def rope_interleaved(config: ModelConfig) -> bool:
+    """Whether the rope dimensions pair up as (x0, x1), (x2, x3), ... (else as halves)."""
+    return config.rope_interleave or config.model_type == "deepseek_v2"
+
+
 class RotaryEmbedding(nn.Module):
-    """Gives cos/sin tables [S, rope_dim / 2] for a run of positions."""
+    """Gives the cos/sin tables [S, 1, R] of a run of positions, in `apply_rope`'s layout."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.interleaved = rope_interleaved(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [S] -> cos, sin [S, 1, R] in dtype: built once per forward in the shape every
+        layer broadcasts against, so layers index nothing."""
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [S, R/2]
-        cos = (freqs.cos() * self.attention_factor).to(dtype)
-        sin = (freqs.sin() * self.attention_factor).to(dtype)
-        return cos, sin
+        cos = freqs.cos() * self.attention_factor
+        sin = freqs.sin() * self.attention_factor
+        if self.interleaved:  # [c0, c0, c1, c1, ...], [-s0, s0, -s1, s1, ...]
+            cos, sin = torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1)  # [S, R/2, 2]
+        else:  # [c, c], [-s, s]
+            cos, sin = torch.stack([cos, cos], dim=-2), torch.stack([-sin, sin], dim=-2)  # [S, 2, R/2]
+        return cos.to(dtype).flatten(1)[:, None], sin.to(dtype).flatten(1)[:, None]  # [S, 1, R]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x: [B, S, H, R]; cos/sin: [S, R/2]. Returns the rotated x, de-interleaved if `interleaved`."""
-    cos = cos[None, :, None, :]  # [1, S, 1, R/2]
-    sin = sin[None, :, None, :]
+    """x: [B, S, H, R]; cos/sin: [S, 1, R] from RotaryEmbedding. Returns the rotated x [B, S, H, R].
+
+    Each pair (a, b) becomes (a cos - b sin, b cos + a sin), bit for bit as the two-product form.
+    """
+    return x * cos + _swap_pairs(x, interleaved) * sin
+
+
+def _swap_pairs(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(x1, x0, x3, x2, ...) if interleaved, else the two halves exchanged."""
     if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [..., R]
+    return x.roll(x.shape[-1] // 2, dims=-1)  # [..., R]

@@ -72,6 +72,12 @@ class Transformer(nn.Module):
         n_mtp = config.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(MTPHead(config, config.num_hidden_layers + j) for j in range(n_mtp))
 
+    def absorb_kv_b(self) -> None:
+        """Split every MLA's kv_b_proj into its absorbed W_UK/W_UV buffers, the MTP heads'
+        included: once, after the weights are loaded (see MLA.absorb_kv_b)."""
+        for attention in [m for m in self.modules() if isinstance(m, MLA)]:
+            attention.absorb_kv_b()
+
     @property
     def num_cache_layers(self) -> int:
         return self.config.num_hidden_layers + len(self.mtp)
