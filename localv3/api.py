@@ -1,36 +1,24 @@
-"""`localv3.load`: a model name, hub repo id, directory or GGUF file -> a ready engine."""
+"""`localv3.load`: the one way a model is loaded, for the Python API and the CLI alike.
+
+A GGUF file (or `engine="llama.cpp"`) gets the llama.cpp engine; anything else is planned for
+this machine (or the `hardware` given) and built by offload.runtime: the same PlannedEngine
+that `localv3 chat` uses, with the same placement, quantisation and context options.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from localv3.config import ModelConfig
-from localv3.engines.base import Engine
-from localv3.engines.native import NativeEngine
-from localv3.loader import load_transformer
-from localv3.tokenizer import Tokenizer
+from localv3.engine_choice import ENGINE_NAMES, EngineChoiceError, weights_path
 
-DEFAULT_MAX_CONTEXT = 4096
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU; fp32 on the CPU, where torch's bf16 matrix kernels are slow beyond batch 1."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from localv3.registry import resolve_model_path
-
-    return resolve_model_path(str(model))
+if TYPE_CHECKING:
+    from localv3.engines.base import Engine
+    from offload.hardware import Hardware
+    from offload.planner import Policy
+    from offload.quant import Quantization
 
 
 def load(
@@ -39,21 +27,42 @@ def load(
     dtype: torch.dtype | str | None = None,
     max_context: int | None = None,
     with_mtp: bool = True,
+    *,
+    engine: str | None = None,
+    hardware: Hardware | None = None,
+    policy: Policy | None = None,
+    quantization: Quantization | None = None,
+    cpu_threads: int | None = None,
+    record_routing: bool = False,
 ) -> Engine:
-    """A .gguf file gets the llama.cpp engine (device, dtype and MTP are llama.cpp's business
-    there); anything else the native engine."""
-    gguf_path = Path(model).expanduser()
-    if gguf_path.suffix.lower() == ".gguf" and gguf_path.is_file():
-        from localv3.engines.llama_cpp import load_gguf
+    """model: a models.toml name, a pulled hub repo id, a model directory or a GGUF file.
 
-        return load_gguf(gguf_path, max_context=max_context)
-    model_dir = resolve_model_dir(model)
-    config = ModelConfig.from_file(model_dir)
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
-    transformer = load_transformer(model_dir, config, dtype, place=lambda name: device, with_mtp=with_mtp)
-    tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-    context = min(max_context or DEFAULT_MAX_CONTEXT, config.max_position_embeddings)
-    return NativeEngine(model_dir, config, transformer, tokenizer, context)
+    device: where the plan's GPU part goes (default: CUDA when there is one, else the CPU);
+    dtype: the compute dtype (default bf16 on CUDA, fp32 on the CPU); hardware, policy and
+    quantization: as `localv3 plan` takes them (default: this machine, detected; the
+    checkpoint's stored quantisation); cpu_threads: default physical cores (1 for tiny models).
+    """
+    engine = engine or ("llama.cpp" if Path(model).suffix.lower() == ".gguf" else "native")
+    if engine not in ENGINE_NAMES:
+        raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
+    path = weights_path(str(model), engine)
+    if engine == "llama.cpp":
+        try:
+            from localv3.engines.llama_cpp import load_gguf
+        except ImportError as exc:
+            raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
+        return load_gguf(path, max_context=max_context, n_threads=cpu_threads)
+    from offload.runtime import load_planned  # the layer above the model: imported when used
+
+    return load_planned(
+        path,
+        hardware=hardware,
+        context=max_context,
+        policy=policy,
+        quantization=quantization,
+        gpu_device=device,
+        dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
+        with_mtp=with_mtp,
+        cpu_threads=cpu_threads,
+        record_routing=record_routing,
+    )

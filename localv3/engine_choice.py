@@ -41,7 +41,7 @@ def find_gguf(model: str) -> Path:
     path = Path(model).expanduser()
     if _is_gguf_file(path):
         return path
-    from localv3.api import resolve_model_dir
+    from localv3.registry import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     files = sorted(model_dir.glob("*.gguf"))
@@ -67,7 +67,7 @@ def weights_path(model: str, engine: str) -> Path:
         raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
     if _is_gguf_file(Path(model).expanduser()):
         raise EngineChoiceError(f"{model} is a GGUF file: the native engine reads safetensors; use --engine llama.cpp")
-    from localv3.api import resolve_model_dir
+    from localv3.registry import resolve_model_dir
 
     return resolve_model_dir(model)
 
@@ -75,14 +75,8 @@ def weights_path(model: str, engine: str) -> Path:
 def open_engine(
     model: str, engine: str = "native", max_context: int | None = None, with_mtp: bool = True, threads: int | None = None
 ) -> Engine:
-    """`threads`: CPU threads to compute with (default: the engine's own choice)."""
-    path = weights_path(model, engine)
-    if engine == "llama.cpp":
-        try:
-            from localv3.engines.llama_cpp import load_gguf
-        except ImportError as exc:
-            raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
-        return load_gguf(path, max_context=max_context, n_threads=threads)
-    from offload.runtime import load_planned
+    """The CLI's load: `localv3.load`, recording routing statistics (they feed the next plan);
+    `threads`: CPU threads to compute with (default: the engine's own choice)."""
+    from localv3.api import load
 
-    return load_planned(path, context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)
+    return load(model, engine=engine, max_context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)

@@ -1,29 +1,23 @@
-"""Build the model from a checkpoint: checkpoint tensor names -> module parameters.
+"""From checkpoint tensor names to module parameters: the pieces offload.runtime builds a
+model with (the one load path: localv3.api.load -> plan -> offload.runtime.build_model).
 
 `expected_tensors` lists every checkpoint tensor the model needs with its shape, so a
-checkpoint is validated (missing tensors, wrong shapes) before any weight is read. The model
-is created on the meta device, then each parameter is read (dequantised if FP8) straight onto
-the device `place(name)` chooses. Routed experts are stacked per layer. A localv3 quantized
-checkpoint (it has a manifest) gets QuantLinear / QuantExpertBank modules for its quantised weights
-(localv3.formats), except kv_b_proj, which MLA absorbs: it is dequantised here.
+checkpoint is validated (missing tensors, wrong shapes) before any weight is read; the model is
+created on the meta device (`skeleton`) and each parameter set in place (`set_tensor`,
+`set_module`). Routed experts are listed one by one (`expert_tensor_names`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
+from localv3.checkpoint import CheckpointReader
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError
 from localv3.model.moe import DenseExpertBank
-from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
-from localv3.formats.modules import QuantExpertBank, QuantLinear
-from localv3.quantized import QUANTIZED_SUFFIX, quantized_expectations, read_manifest, read_quantized
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -98,80 +92,6 @@ def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
     else:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-
-
-def load_expert_bank(
-    reader: CheckpointReader, prefix: str, n_experts: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack a layer's experts -> (gate_up [E, 2I, D], down [E, D, I]) on `device`."""
-    gate_ups, downs = [], []
-    for expert in range(n_experts):
-        names = expert_tensor_names(prefix, expert)
-        gate_up = torch.cat([reader.get(names["gate_proj"], dtype), reader.get(names["up_proj"], dtype)])
-        gate_ups.append(gate_up.to(device))
-        downs.append(reader.get(names["down_proj"], dtype).to(device))
-    return torch.stack(gate_ups), torch.stack(downs)
-
-
-def load_transformer(
-    model_dir: str | Path,
-    config: ModelConfig,
-    dtype: torch.dtype,
-    place: Callable[[str], torch.device] = lambda name: torch.device("cpu"),
-    with_mtp: bool = True,
-    reader: CheckpointReader | None = None,
-) -> Transformer:
-    reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
-    model = skeleton(config, with_mtp and has_mtp_weights(config, reader))
-    manifest = read_manifest(reader.dir)  # a localv3 quantized checkpoint, or None
-    expected = expected_tensors(config, model)
-    if manifest is not None:
-        expected = quantized_expectations(expected, manifest)
-    validate_checkpoint(reader, expected)
-    for tensor_name, (name, _) in expected.items():
-        if "[" in name or name.endswith(QUANTIZED_SUFFIX):  # experts and quantised weights: per module below
-            continue
-        wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
-        set_tensor(model, name, reader.get(tensor_name, wanted).to(place(name)))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, DenseExpertBank):
-            n_experts, two_hidden, dim = module.gate_up.shape
-            names = [expert_tensor_names(checkpoint_name(config, name), e) for e in range(n_experts)]
-            if manifest is not None and manifest.format_of(names[0]["gate_proj"]) is not None:
-                set_module(model, name, load_quant_expert_bank(reader, manifest, names, dim, two_hidden // 2, place(name)))
-                continue
-            gate_up, down = load_expert_bank(reader, checkpoint_name(config, name), n_experts, dtype, place(name))
-            set_tensor(model, f"{name}.gate_up", gate_up)
-            set_tensor(model, f"{name}.down", down)
-        elif isinstance(module, nn.Linear) and manifest is not None:
-            weight_name = checkpoint_name(config, f"{name}.weight")
-            stored = manifest.format_of(weight_name)
-            if stored is None:
-                continue
-            weight = read_quantized(reader, weight_name, stored, module.in_features)
-            if name.endswith("kv_b_proj"):
-                set_tensor(model, f"{name}.weight", weight.dequantize(dtype).to(place(f"{name}.weight")))
-            else:
-                set_module(model, name, QuantLinear.from_weight(weight, module.bias, place(f"{name}.weight")))
-    model.rotary = RotaryEmbedding(config).to(place("rotary"))
-    model.absorb_kv_b()
-    return model.eval()
-
-
-def load_quant_expert_bank(
-    reader: CheckpointReader, manifest, names: list[dict[str, str]], dim: int, hidden: int, device
-) -> QuantExpertBank:
-    """names: per expert, {gate_proj, up_proj, down_proj} -> HF weight name."""
-    gate_up_type, down_type = manifest.format_of(names[0]["gate_proj"]), manifest.format_of(names[0]["down_proj"])
-    bank = QuantExpertBank(len(names), dim, hidden, gate_up_type, down_type, device)
-    for expert, expert_names in enumerate(names):
-        bank.store(
-            expert,
-            read_quantized(reader, expert_names["gate_proj"], gate_up_type, dim),
-            read_quantized(reader, expert_names["up_proj"], gate_up_type, dim),
-            read_quantized(reader, expert_names["down_proj"], down_type, hidden),
-        )
-    return bank
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -305,6 +305,12 @@ def _is_explicit_path(spec: str) -> bool:
     return spec.startswith((".", "~", os.sep)) or os.sep in spec
 
 
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model directory as given, else what `resolve_model_path` finds for the name."""
+    path = Path(model).expanduser()
+    return path if path.is_dir() else resolve_model_path(str(model))
+
+
 def resolve_model_path(spec: str, offline: bool = False) -> Path:
     """The local directory holding the model `spec` names.
 

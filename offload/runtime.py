@@ -28,10 +28,10 @@ import psutil
 import torch
 from torch import nn
 
-from localv3.api import DEFAULT_MAX_CONTEXT, default_device, default_dtype, resolve_model_dir
 from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
 from localv3.config import ModelConfig
-from localv3.engines.native import NativeEngine
+from localv3.engines.base import DEFAULT_MAX_CONTEXT
+from localv3.engines.native import NativeEngine, default_device, default_dtype
 from localv3.errors import CheckpointError
 from localv3.loader import (
     checkpoint_name,
@@ -50,6 +50,7 @@ from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
 from localv3.formats.table import FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
+from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
 from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
 from offload.hardware import Hardware, detect_hardware

@@ -22,7 +22,7 @@ from fixtures_cli import train_tokenizer
 from localv3.checkpoint import CheckpointReader
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import CheckpointError, ModelNotFoundError
-from localv3.formats.modules import QuantExpertBank, QuantLinear
+from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
 from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
 from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
@@ -114,9 +114,9 @@ def test_quantized_models_load_with_logits_close(fp8_model, quantized):
     for experts, out in quantized.items():
         engine = localv3.load(out, device="cpu", dtype=torch.float32)
         layer = engine.model.model.layers[1]
-        assert isinstance(layer.mlp.experts, QuantExpertBank)
+        assert [type(s.bank) for s in layer.mlp.experts.slices] == [QuantExpertBank]
         assert isinstance(layer.self_attn.q_a_proj, QuantLinear)
-        assert isinstance(layer.mlp.shared_experts.down_proj, QuantLinear)
+        assert isinstance(layer.mlp.experts.shared, QuantFeedForward)
         got = engine.logits(PROMPT)
         assert (got - expected).abs().max().item() < tolerance[experts], experts
 

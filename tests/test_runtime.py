@@ -38,7 +38,7 @@ from offload.layout import CPU, DISK, GPU
 from offload.planner import Policy, plan
 from offload.quant import Quantization
 from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile
-from offload.runtime import MIN_HIDDEN_FOR_THREADS, default_cpu_threads, load_planned
+from offload.runtime import MIN_HIDDEN_FOR_THREADS, PlannedEngine, default_cpu_threads, load_planned
 from offload.shape import ModelShape
 
 CONTEXT = 2048  # long enough that a layer's KV rows decide which layers fit on the "GPU"
@@ -138,6 +138,20 @@ def test_float_plan_matches_the_unplaced_engine_exactly(model_dir, reference):
     assert mlp.shared_experts is None and isinstance(mlp.experts, PlacedExperts)
     assert [s.device.type for s in mlp.experts.slices] == ["cpu", "cpu"]  # "gpu" and cpu slices
     assert "2/4 layers on gpu" in engine.placement
+
+
+def test_the_python_api_plans_and_offloads_as_the_cli_does(model_dir, reference):
+    """localv3.load is the one load path: it takes the placement options and returns the
+    planned engine the CLI gets, with the unplaced logits."""
+    config = ModelConfig.from_file(model_dir)
+    hardware = made_up_hardware(config, FLOAT)
+    engine = localv3.load(
+        model_dir, "cpu", torch.float32, CONTEXT, hardware=hardware, policy=TIGHT, quantization=FLOAT, cpu_threads=1
+    )
+    cli = planned(model_dir, FLOAT)
+    assert isinstance(engine, PlannedEngine) and engine.plan.layout == cli.plan.layout
+    assert engine.placement == cli.placement and "2/4 layers on gpu" in engine.placement
+    torch.testing.assert_close(engine.logits(PROMPT), reference[1], atol=1e-5, rtol=0)
 
 
 def test_mtp_head_matches_on_its_placed_device(model_dir, reference):

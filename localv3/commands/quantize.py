@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from localv3 import registry
-from localv3.api import resolve_model_dir
+from localv3.registry import resolve_model_dir
 from localv3.quantize import DENSE_CHOICES, EXPERT_CHOICES, QuantizeError, QuantizeSettings, quantize_checkpoint
 from localv3.quantize import Progress as ProgressCallbacks
 from localv3.commands.progress_bar import stop_progress

@@ -14,7 +14,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Show a model's architecture and validate its checkpoint (reads headers, not weights)."""
-    from localv3.api import resolve_model_dir
+    from localv3.registry import resolve_model_dir
     from localv3.inspect import summarize
 
     summary = summarize(resolve_model_dir(model))

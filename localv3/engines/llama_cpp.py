@@ -33,11 +33,11 @@ from localv3.engines.llama_backend import (
     override_array,
     physical_cores,
 )
+from localv3.engines.base import DEFAULT_MAX_CONTEXT
 from localv3.model.cache import ContextFullError
 from localv3.tokenizer import Tokenizer
 
 ARCH = "deepseek2"
-DEFAULT_MAX_CONTEXT = 4096
 MAX_BATCH = 512
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}

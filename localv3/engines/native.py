@@ -17,6 +17,15 @@ from localv3.tokenizer import Tokenizer
 PREFILL_CHUNK = 512  # tokens per prefill forward
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU; fp32 on the CPU, where torch's bf16 matrix kernels are slow beyond batch 1."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class NativeSession:
     """One sequence: a preallocated latent cache and the position reached."""
 
