@@ -6,10 +6,11 @@ and written into place in an output shard whose header was written first
 (localv3.stream_writer). Peak memory is the pages of the one input shard being read (mapped
 files count towards RSS) plus one chunk's working set, whatever the model size.
 
-Roles: routed experts -> `experts` (q4|q8); the other `*_proj` matrices (attention, shared
-experts, dense FFN) -> `dense` (bf16|q8|q4); the formats and which block type each row length
-takes are localv3.formats.table's; everything else (norms, router in fp32, embeddings,
-lm_head, eh_proj, which the model reads as plain tensors) keeps its stored precision. The
+Roles (localv3.formats.roles): routed experts -> `experts` (q4|q8); attention projections but
+kv_b_proj, shared experts, dense FFN -> `dense` (bf16|q8|q4); the formats and which block type
+each row length takes are localv3.formats.table's; the router is stored in fp32; everything
+else (norms, embeddings, lm_head, eh_proj, kv_b_proj: held in the compute dtype) keeps its
+stored precision, FP8 as bf16. The
 MTP layer's copies of embed_tokens and lm_head are not written (the model uses the main ones).
 
 Output is atomic: written to `.NAME.partial-PID` beside the target and renamed when complete;
@@ -32,7 +33,6 @@ import torch
 from safetensors import safe_open
 
 from localv3.checkpoint import (
-    FP32_TENSOR_SUFFIXES,
     INDEX_FILE,
     SCALE_SUFFIX,
     CheckpointReader,
@@ -42,6 +42,7 @@ from localv3.checkpoint import (
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError, LocalV3Error
 from localv3.formats.blocks import quantize_to
+from localv3.formats.roles import weight_role
 from localv3.formats.table import BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
 from localv3.quantized import MANIFEST_NAME, Manifest, qweight_name
 from localv3.render import format_bytes
@@ -55,8 +56,6 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DISK_MARGIN = 64 * 1024 * 1024
 COPIED_FILES = ("*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py")
 
-_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-_DENSE = re.compile(r"\.(q|q_a|q_b|kv_a|kv_b|o|gate|up|down)_proj(_with_mqa)?\.weight$")  # not eh_proj
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _MTP_COPIES = (".embed_tokens.weight", ".shared_head.head.weight")
 
@@ -126,16 +125,17 @@ class _Plan:
 
 
 def tensor_scheme(name: str, info: TensorInfo, config: ModelConfig, settings: QuantizeSettings) -> str | None:
-    """How the tensor `name` is stored: q4/q8 (where its rows take a block type), bf16, fp32,
-    `same` (as stored), or None (dropped)."""
+    """How the tensor `name` is stored, by its role (localv3.formats.roles): q4/q8 (where its
+    rows take a block type), bf16, fp32, `same` (as stored), or None (dropped)."""
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= config.num_hidden_layers and name.endswith(_MTP_COPIES):
         return None
-    if _EXPERT.search(name):
+    role = weight_role(name, len(info.shape))
+    if role == "experts":
         return settings.experts
-    if name.endswith(FP32_TENSOR_SUFFIXES):
+    if role == "router":
         return "fp32"
-    if len(info.shape) == 2 and _DENSE.search(name):
+    if role == "dense":
         return settings.dense
     return "bf16" if info.dtype in FP8_DTYPES else "same"
 

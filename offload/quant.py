@@ -23,7 +23,7 @@ class Quantization:
     experts: str = "q4"
     dense: str = "q8"  # MLA projections, dense FFN layers, shared experts
     # the matrices the runtime holds in the compute dtype: embed_tokens, lm_head, the MTP
-    # eh_proj and kv_b_proj (MLA absorbs it at load; offload.runtime.UNQUANTISED_LINEARS)
+    # eh_proj and kv_b_proj (MLA absorbs it at load): the role rule of localv3.formats.roles
     embeddings: str = "bf16"
 
     def __post_init__(self) -> None:

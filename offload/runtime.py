@@ -48,6 +48,7 @@ from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
+from localv3.formats.roles import weight_role
 from localv3.formats.table import FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
@@ -64,7 +65,6 @@ from offload.shape import ModelShape
 CHECKPOINT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 HOST = torch.device("cpu")
-UNQUANTISED_LINEARS = ("lm_head", "eh_proj", "kv_b_proj")  # read through `.weight` by the model code
 
 
 @dataclass(frozen=True)
@@ -167,13 +167,15 @@ class Weights:
 def _quantised_linears(
     model: Transformer, config: ModelConfig, weights: Weights, scheme: str
 ) -> dict[str, tuple[BlockType, int]]:
-    """Module name -> (block type, input features) of every nn.Linear stored quantised or that
-    `scheme` quantises (dense-role ones only: not lm_head, eh_proj or kv_b_proj)."""
+    """Module name -> (block type, input features) of every dense-role nn.Linear (the role rule
+    of localv3.formats.roles) that the checkpoint stores quantised or that `scheme` quantises."""
     chosen = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.rpartition(".")[2] in UNQUANTISED_LINEARS:
+        if not isinstance(module, nn.Linear):
             continue
         weight_name = checkpoint_name(config, f"{name}.weight")
+        if weight_role(weight_name, 2) != "dense":
+            continue
         stored = weights.block_type(weight_name, scheme, module.in_features)
         if stored is not None:
             chosen[name] = (stored, module.in_features)
