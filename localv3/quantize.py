@@ -43,7 +43,7 @@ from localv3.config import ModelConfig
 from localv3.errors import CheckpointError, LocalV3Error
 from localv3.formats.blocks import quantize_to
 from localv3.formats.roles import weight_role
-from localv3.formats.table import BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
+from localv3.formats.table import ABSORBED_SCHEME, BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
 from localv3.quantized import MANIFEST_NAME, Manifest, qweight_name
 from localv3.render import format_bytes
 from localv3.stream_writer import StreamedSafetensors, TensorSpec
@@ -137,6 +137,8 @@ def tensor_scheme(name: str, info: TensorInfo, config: ModelConfig, settings: Qu
         return "fp32"
     if role == "dense":
         return settings.dense
+    if role == "absorbed" and FORMATS[settings.dense].quantized:
+        return ABSORBED_SCHEME
     return "bf16" if info.dtype in FP8_DTYPES else "same"
 
 

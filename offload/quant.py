@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localv3.formats.table import FORMATS, QuantError, WeightFormat  # noqa: F401 (QuantError: the planner's error)
+from localv3.formats.table import ABSORBED_SCHEME, FORMATS, QuantError, WeightFormat  # noqa: F401 (QuantError: the planner's error)
 from localv3.formats.table import weight_format as scheme
 
 
@@ -23,7 +23,7 @@ class Quantization:
     experts: str = "q4"
     dense: str = "q8"  # MLA projections, dense FFN layers, shared experts
     # the matrices the runtime holds in the compute dtype: embed_tokens, lm_head, the MTP
-    # eh_proj and kv_b_proj (MLA absorbs it at load): the role rule of localv3.formats.roles
+    # eh_proj (the role rule of localv3.formats.roles)
     embeddings: str = "bf16"
 
     def __post_init__(self) -> None:
@@ -31,11 +31,13 @@ class Quantization:
             scheme(name)
 
     def scheme_for(self, role: str) -> WeightFormat:
-        """role: experts | dense | embeddings | router | vector."""
+        """role: experts | dense | absorbed | embeddings | router | vector (localv3.formats.roles)."""
         if role == "router":
             return ROUTER_SCHEME
         if role == "vector":
             return VECTOR_SCHEME
+        if role == "absorbed":
+            return scheme(ABSORBED_SCHEME) if scheme(self.dense).quantized else scheme(self.embeddings)
         return scheme(getattr(self, role))
 
     def to_dict(self) -> dict[str, str]:

@@ -10,8 +10,9 @@
   expert moves in with them, so on CUDA it runs while the CPU computes the routed experts;
 - the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4,
 a dense FFN or shared expert whose three matrices are quantised as one QuantFeedForward.
-Held in the compute dtype whatever the plan says: embed_tokens, lm_head and the MTP eh_proj
-(the model code reads their `.weight`), kv_b_proj (MLA absorbs it at load), any matrix whose
+MLA's absorbed W_UK/W_UV (from kv_b_proj) in Q8_0 whenever the dense scheme is quantised
+(QuantHeadProjection), else in the compute dtype. Held in the compute dtype whatever the plan
+says: embed_tokens, lm_head and the MTP eh_proj (the model code reads their `.weight`), any matrix whose
 input dimension no block type of the format divides, and every float scheme (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there
 are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
@@ -43,13 +44,14 @@ from localv3.loader import (
     skeleton,
     validate_checkpoint,
 )
+from localv3.model.attention import MLA
 from localv3.model.moe import DenseExpertBank, FeedForward, MoE
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
-from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
+from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
 from localv3.formats.roles import weight_role
-from localv3.formats.table import FORMATS, BlockType
+from localv3.formats.table import ABSORBED_BLOCK_TYPE, FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
@@ -137,7 +139,21 @@ def build_model(
     model.rotary = RotaryEmbedding(config).to(devices.of_param("rotary"))
     _check_materialised(model)
     model.absorb_kv_b()
+    if FORMATS[quant.dense].quantized:
+        _quantise_absorbed(model, devices)
     return model.eval()
+
+
+def _quantise_absorbed(model: Transformer, devices: Devices) -> None:
+    """MLA's absorbed W_UK and W_UV in ABSORBED_BLOCK_TYPE where their rows take it."""
+    for name, module in model.named_modules():
+        if not isinstance(module, MLA):
+            continue
+        for projection in ("uk", "uv"):
+            head_projection = getattr(module, projection)
+            if head_projection.shape[2] % ABSORBED_BLOCK_TYPE.block == 0:
+                weight = head_projection.dense_weight(torch.float32)  # [H, out, in]
+                setattr(module, projection, QuantHeadProjection(weight, ABSORBED_BLOCK_TYPE, devices.of_param(name)))
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ def _attention(c: ModelConfig) -> list[TensorSpec]:
     tensors += [
         _matrix("kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, "dense"),
         _vector("kv_a_layernorm.weight", c.kv_lora_rank),
-        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "embeddings"),
+        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "absorbed"),
         _matrix("o_proj", h, heads * c.v_head_dim, "dense"),
     ]
     if c.attention_bias:

@@ -51,7 +51,7 @@ def attentions(model: Transformer) -> list[MLA]:
     return [m for m in model.modules() if isinstance(m, MLA)]
 
 
-def test_loaded_model_holds_w_uk_and_w_uv_instead_of_kv_b_proj(uneven_dir):
+def test_loaded_model_holds_w_uk_and_w_uv_projections_instead_of_kv_b_proj(uneven_dir):
     model = localv3.load(uneven_dir, device="cpu", dtype=torch.float32).model
     c = model.config
     mlas = attentions(model)
@@ -59,11 +59,11 @@ def test_loaded_model_holds_w_uk_and_w_uv_instead_of_kv_b_proj(uneven_dir):
     buffers = dict(model.named_buffers())
     for mla in mlas:
         assert not hasattr(mla, "kv_b_proj")
-        assert mla.w_uk.shape == (c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank)
-        assert mla.w_uv.shape == (c.num_attention_heads, c.kv_lora_rank, c.v_head_dim)
-        assert mla.w_uk.is_contiguous() and mla.w_uv.is_contiguous()
-        assert mla.w_uk.dtype == mla.w_uv.dtype == torch.float32
-        assert any(t is mla.w_uk for t in buffers.values()) and any(t is mla.w_uv for t in buffers.values())
+        assert mla.uk.right.shape == (c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank)
+        assert mla.uv.right.shape == (c.num_attention_heads, c.kv_lora_rank, c.v_head_dim)
+        assert mla.uk.right.is_contiguous() and mla.uv.right.is_contiguous()
+        assert mla.uk.right.dtype == mla.uv.right.dtype == torch.float32
+        assert any(t is mla.uk.right for t in buffers.values()) and any(t is mla.uv.right for t in buffers.values())
 
 
 def test_absorbed_weights_are_kv_b_proj_split_per_head(uneven_dir):
@@ -74,8 +74,8 @@ def test_absorbed_weights_are_kv_b_proj_split_per_head(uneven_dir):
     kv_b = CheckpointReader(uneven_dir).get("model.layers.1.self_attn.kv_b_proj.weight", torch.float32)
     per_head = kv_b.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
     mla = model.model.layers[1].self_attn
-    assert torch.equal(mla.w_uk, per_head[:, : c.qk_nope_head_dim])
-    assert torch.equal(mla.w_uv, per_head[:, c.qk_nope_head_dim :].transpose(1, 2))
+    assert torch.equal(mla.uk.right, per_head[:, : c.qk_nope_head_dim])
+    assert torch.equal(mla.uv.right, per_head[:, c.qk_nope_head_dim :].transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight, check_shape, quantize_to, quantize_weight
-from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
+from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
 from localv3.formats.table import BLOCK_TYPES, FORMATS, Q4_0, Q4_K, Q8_0, QuantError
 
 SEEDS = (0, 1, 2)
@@ -148,3 +148,17 @@ def test_store_rejects_a_wrong_shape():
     wrong = QuantizedWeight(torch.zeros(64, Q4_0.row_bytes(256), dtype=torch.uint8), Q4_0, 256)
     with pytest.raises(QuantError, match="cannot store"):
         bank.store(0, wrong, wrong, wrong)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_quant_head_projection_matches_per_head_formula(kernel, seed, tokens):
+    """MLA's absorbed W_UK/W_UV: one product batched over heads, [H, N, in] -> [H, N, out]."""
+    heads, out_features, in_features = 4, 48, 64
+    weight = torch.randn(heads, out_features, in_features, generator=torch.Generator().manual_seed(seed)) / 8
+    projection = QuantHeadProjection(weight, Q8_0)
+    x = torch.randn(heads, tokens, in_features, generator=torch.Generator().manual_seed(seed + 10))
+    dequantized = projection.dense_weight(torch.float32)  # [H, out, in]
+    assert torch.equal(dequantized[1], quantize_to(weight[1], Q8_0).dequantize())
+    expected = torch.stack([x[h] @ dequantized[h].T for h in range(heads)])  # [H, N, out]
+    assert rel_err(projection(x), expected) < tolerance(kernel)

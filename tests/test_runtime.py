@@ -28,8 +28,8 @@ from cli import app
 from localv3.config import ModelConfig
 from localv3.model.moe import DenseExpertBank
 from localv3.formats import ggml
-from localv3.formats.blocks import quantize_weight
-from localv3.formats.table import FORMATS
+from localv3.formats.blocks import quantize_to, quantize_weight
+from localv3.formats.table import FORMATS, Q8_0
 from localv3.quantize import QuantizeSettings, quantize_checkpoint
 from localv3.synthetic import TINY_V3, checkpoint_tensors, write_checkpoint
 from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
@@ -81,6 +81,8 @@ def write_rounded_checkpoint(out: Path, quant: Quantization, seed: int = 0) -> P
     config = ModelConfig.from_dict(TINY_V3)
     tensors = checkpoint_tensors(config, seed)
     for name, weight in tensors.items():
+        if "kv_b_proj" in name and FORMATS[quant.dense].quantized:
+            tensors[name] = rounded_as_absorbed(weight, config)
         if weight.dim() != 2 or "_proj" not in name or "eh_proj" in name or "kv_b_proj" in name:
             continue
         fmt = FORMATS[quant.experts if ".experts." in name else quant.dense]
@@ -90,6 +92,20 @@ def write_rounded_checkpoint(out: Path, quant: Quantization, seed: int = 0) -> P
     (out / "config.json").write_text(json.dumps(TINY_V3))
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / "model.safetensors"))
     return out
+
+
+def rounded_as_absorbed(kv_b: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """kv_b_proj [H*(nope+v), C] with W_UK (per head [C, nope]) and W_UV ([v, C]) rounded to the
+    Q8_0 blocks the runtime holds them in, where their rows take them."""
+    heads, nope, rank = config.num_attention_heads, config.qk_nope_head_dim, config.kv_lora_rank
+    per_head = kv_b.view(heads, -1, rank).clone()  # [H, nope+v, C]
+    uk, uv = per_head[:, :nope], per_head[:, nope:]
+    if rank % Q8_0.block == 0:
+        uv.copy_(quantize_to(uv.reshape(-1, rank), Q8_0).dequantize().view_as(uv))
+    if nope % Q8_0.block == 0:
+        rounded = quantize_to(uk.transpose(1, 2).reshape(-1, nope), Q8_0).dequantize()  # rows [C, nope]
+        uk.copy_(rounded.view(heads, rank, nope).transpose(1, 2))
+    return per_head.view_as(kv_b)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localv3.formats import ggml
-from localv3.formats.blocks import QuantizedWeight, dequantize_rows
+from localv3.formats.blocks import QuantizedWeight, dequantize_rows, quantize_to
 from localv3.formats.table import BlockType, QuantError
 from localv3.model.moe import run_experts
 
@@ -217,6 +217,44 @@ class QuantExpertBank(_GraphModule):
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up.dense(expert, x.dtype)).chunk(2, dim=-1)  # [N, I] each
         return F.linear(F.silu(gate) * up, self.down.dense(expert, x.dtype))  # [N, D]
+
+
+class QuantHeadProjection(_GraphModule):
+    """localv3.model.attention.HeadProjection over block-quantised weights: x [H, N, in] ->
+    [H, N, out] with one ggml matrix product batched over the heads (MLA's absorbed W_UK, W_UV)."""
+
+    def __init__(self, weight: torch.Tensor, block_type: BlockType, device="cpu"):
+        """weight [H, out, in] (float)."""
+        super().__init__()
+        heads, out_features, in_features = weight.shape
+        self.heads, self.out_features, self.in_features = heads, out_features, in_features
+        self.matrices = QuantMatrices(block_type, heads, out_features, in_features, device)
+        blocks = quantize_to(weight.reshape(heads * out_features, in_features), block_type).data  # [H*out, row bytes]
+        self.matrices.data.copy_(blocks.view(heads, out_features, -1))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.heads, self.out_features, self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _uses_ggml(x.device):
+            return torch.bmm(x, self.dense_weight(x.dtype).transpose(1, 2))
+        staged = self._staged(x.shape[1], self.matrices.data)
+        staged.inputs["x"].copy_(x)
+        staged.graph.compute()
+        return staged.output.to(x.dtype, copy=True)  # [H, N, out]; the staging buffer is reused
+
+    def _build(self, tokens: int) -> _Staged:
+        graph = ggml.Graph()
+        x = torch.empty(self.heads, tokens, self.in_features, dtype=ACTIVATIONS)
+        out = torch.empty(self.heads, tokens, self.out_features, dtype=ACTIVATIONS)
+        product = graph.mul_mat(self.matrices.ggml_tensor(graph), graph.tensor_from(x))  # [out, N, H]
+        graph.finish([(product, out)])
+        return _Staged(graph, {"x": x}, out)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """[H, out, in] dequantised."""
+        return dequantize_rows(self.matrices.data, self.matrices.block_type, self.in_features).to(dtype)
 
 
 def _moved(weight: QuantizedWeight, device) -> QuantizedWeight:

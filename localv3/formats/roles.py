@@ -5,8 +5,10 @@ ModelShape gives its tensors the same roles).
 - experts: the routed experts' projections (Quantization.experts)
 - dense: the MLA projections but kv_b_proj, the dense FFN's and shared experts' projections
   (Quantization.dense)
+- absorbed: kv_b_proj, which MLA absorbs into W_UK/W_UV at load: q8 when the dense scheme is
+  quantised (formats.table.ABSORBED_SCHEME), else the dense scheme
 - embeddings: the matrices held in the compute dtype: embed_tokens, lm_head, the MTP layer's
-  eh_proj and shared head, and kv_b_proj (MLA absorbs it into W_UK/W_UV at load)
+  eh_proj and shared head
 - router: the gate weight and its correction bias, in fp32
 - vector: norms and biases
 """
@@ -22,7 +24,7 @@ _DENSE = re.compile(r"\.(q|q_a|q_b|kv_a|o|gate|up|down)_proj(_with_mqa)?\.weight
 
 
 def weight_role(name: str, ndim: int) -> str:
-    """experts | dense | embeddings | router | vector, for the tensor `name` of `ndim` dimensions."""
+    """experts | dense | absorbed | embeddings | router | vector, for the tensor `name` of `ndim` dimensions."""
     if name.endswith(ROUTER_SUFFIXES):
         return "router"
     if ndim < 2:
@@ -31,4 +33,6 @@ def weight_role(name: str, ndim: int) -> str:
         return "experts"
     if _DENSE.search(name):
         return "dense"
+    if name.endswith(".kv_b_proj.weight"):
+        return "absorbed"
     return "embeddings"

@@ -94,6 +94,11 @@ class WeightFormat:
         return float(self.bits)
 
 
+# MLA's absorbed per-head W_UK [C, nope] and W_UV [v, C] whenever the dense scheme is quantised:
+# Q8_0 (rows of nope = 128 are too short for Q4_K; the attention's precision is worth 8 bits).
+ABSORBED_BLOCK_TYPE = Q8_0
+ABSORBED_SCHEME = "q8"
+
 FORMATS: dict[str, WeightFormat] = {
     f.name: f
     for f in (

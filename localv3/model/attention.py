@@ -42,28 +42,25 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
 
     def absorb_kv_b(self) -> None:
-        """Split kv_b_proj's weight [H * (nope + v), C] once into the buffers w_uk [H, nope, C]
-        and w_uv [H, C, v], and drop kv_b_proj, so that no forward re-derives them.
-
-        Both are the right-hand operands of forward's per-head batched matmuls as stored
-        (q_nope [H, B*S, nope] @ w_uk, context [H, B*S, C] @ w_uv), contiguous, in kv_b_proj's
-        dtype (the compute dtype). At V3 width on the 2-core AVX2 CPU every layout runs alike at
-        batch 1, and bf16 storage is no faster than fp32 there (its kernel is compute-bound),
-        while fp32 models must stay fp32 to match transformers (benchmarks/decode_op_count.py).
+        """Split kv_b_proj's weight [H * (nope + v), C] once into two per-head projections and
+        drop kv_b_proj, so that no forward re-derives them: `uk` (W_UK, [H, C, nope]: a head's
+        query nope part -> its latent query) and `uv` (W_UV, [H, v, C]: a head's latent context ->
+        its value output), each a HeadProjection the runtime may swap for a quantised one.
+        They keep kv_b_proj's dtype (the compute dtype): fp32 models must match transformers.
         """
         weight = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = weight.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, C], [H, v, C]
-        self.register_buffer("w_uk", w_uk.contiguous())
-        self.register_buffer("w_uv", w_uv.transpose(1, 2).contiguous())  # [H, C, v]
+        self.uk = HeadProjection(w_uk.transpose(1, 2))  # [H, C, nope]
+        self.uv = HeadProjection(w_uv)  # [H, v, C]
         del self.kv_b_proj
 
-    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, nope, C], W_UV [H, C, v]): the absorbed buffers; before `absorb_kv_b` (a model
+    def _up_projections(self) -> tuple[nn.Module, nn.Module]:
+        """(W_UK, W_UV) as per-head projections: the absorbed ones; before `absorb_kv_b` (a model
         being trained, scripts/train_tiny.py) views of kv_b_proj.weight, so gradients reach it."""
         if not hasattr(self, "kv_b_proj"):
-            return self.w_uk, self.w_uv
+            return self.uk, self.uv
         weight = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return weight[:, : self.nope_dim], weight[:, self.nope_dim :].transpose(1, 2)
+        return HeadProjection(weight[:, : self.nope_dim].transpose(1, 2)), HeadProjection(weight[:, self.nope_dim :])
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -100,9 +97,9 @@ class MLA(nn.Module):
         """
         bsz, seq, heads, _ = q_nope.shape
         rank = self.kv_lora_rank
-        w_uk, w_uv = self._up_projections()
+        uk, uv = self._up_projections()
         q_nope = q_nope.permute(2, 0, 1, 3).reshape(heads, bsz * seq, self.nope_dim)  # [H, B*S, nope]
-        q_latent = torch.bmm(q_nope, w_uk).view(heads, bsz, seq, rank)  # [H, B, S, C]
+        q_latent = uk(q_nope).view(heads, bsz, seq, rank)  # [H, B, S, C]
         q_latent = q_latent.transpose(0, 1).reshape(bsz, heads * seq, rank)  # [B, H*S, C]
         q_rope = q_rope.transpose(1, 2).reshape(bsz, heads * seq, self.rope_dim)  # [B, H*S, rope]
         rope_scores = torch.bmm(q_rope, rope_keys.transpose(1, 2))  # [B, H*S, T]
@@ -111,21 +108,44 @@ class MLA(nn.Module):
         probs = _attention_probs(scores.view(bsz, heads, seq, -1), mask)  # [B, H, S, T]
         context = torch.bmm(probs.view(bsz, heads * seq, -1), latents)  # [B, H*S, C]
         context = context.view(bsz, heads, seq, rank).transpose(0, 1).reshape(heads, bsz * seq, rank)  # [H, B*S, C]
-        out = torch.bmm(context, w_uv).view(heads, bsz, seq, self.v_dim)  # [H, B, S, v]
+        out = uv(context).view(heads, bsz, seq, self.v_dim)  # [H, B, S, v]
         return out.permute(1, 2, 0, 3).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
 
     def _naive(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
         """Attention over per-head keys and values expanded from every cached latent (shapes as `_absorbed`)."""
         bsz, seq, heads, _ = q_nope.shape
-        w_uk, w_uv = self._up_projections()
-        k_nope = torch.einsum("btc,hdc->bhtd", latents, w_uk)  # [B, H, T, nope]
-        values = torch.einsum("btc,hcv->bhtv", latents, w_uv)  # [B, H, T, v]
+        uk, uv = self._up_projections()
+        w_uk, w_uv = uk.dense_weight(latents.dtype), uv.dense_weight(latents.dtype)  # [H, C, nope], [H, v, C]
+        k_nope = torch.einsum("btc,hcd->bhtd", latents, w_uk)  # [B, H, T, nope]
+        values = torch.einsum("btc,hvc->bhtv", latents, w_uv)  # [B, H, T, v]
         scores = torch.einsum("bshd,bhtd->bhst", q_nope, k_nope) + torch.einsum(
             "bshr,btr->bhst", q_rope, rope_keys
         )  # [B, H, S, T]
         probs = _attention_probs(scores * self.softmax_scale, mask)  # [B, H, S, T]
         out = torch.einsum("bhst,bhtv->bshv", probs, values)  # [B, S, H, v]
         return out.reshape(bsz, seq, heads * self.v_dim)
+
+
+class HeadProjection(nn.Module):
+    """One linear map per head: x [H, N, in] -> [H, N, out], given weight [H, out, in] (the
+    nn.Linear convention), held as `right` [H, in, out] contiguous: bmm's right operand."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("right", weight.transpose(1, 2).contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(heads, out, in)."""
+        heads, in_features, out_features = self.right.shape
+        return heads, out_features, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, self.right)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """[H, out, in] in `dtype`."""
+        return self.right.transpose(1, 2).to(dtype)
 
 
 def _future_mask(seq: int, total: int, start: int, device: torch.device) -> torch.Tensor | None:
