@@ -54,45 +54,9 @@ SLICE_VOCAB = 1024
 SHARD_BYTES = 1 << 30  # ~1 GiB FP8 shards, as the hub's checkpoints are split
 STDERR_TAIL_LINES = 40
 
-# DeepSeek-V3's widths (DESIGN.md section 3); depth and expert count cut to a slice
-V3_SLICE_OVERRIDES = {
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 3,
-    "first_k_dense_replace": 1,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "n_routed_experts": 32,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 4,
-    "topk_group": 2,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "norm_topk_prob": True,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-    "max_position_embeddings": 163840,
-    "num_nextn_predict_layers": 1,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
+# DeepSeek-V3's bundled config.json keeps its widths; depth and experts are cut to a slice
+SLICE_SHAPE = {"num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 32, "n_group": 4, "topk_group": 2}
+V3_CONFIG = Path(__file__).resolve().parent.parent / "localv3" / "assets" / "configs" / "deepseek-v3.json"
 
 
 def log(message: str) -> None:
@@ -247,9 +211,9 @@ def run_cli(step: str, args: list[str]) -> str:
 
 
 def slice_config(vocab_size: int) -> dict:
-    from localv3.synthetic import TINY_V3
-
-    return {**TINY_V3, **V3_SLICE_OVERRIDES, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1}
+    v3 = json.loads(V3_CONFIG.read_text(encoding="utf-8"))
+    v3 = {k: v for k, v in v3.items() if k not in ("auto_map", "quantization_config")}  # the builder adds FP8's
+    return {**v3, **SLICE_SHAPE, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1}
 
 
 def build_slice(target: Path, vocab_size: int, seed: int) -> None:

@@ -22,7 +22,7 @@ import psutil
 
 from localv3.errors import LocalV3Error
 from localv3.render import format_bytes
-from offload.kernel_probe import CpuKernels, assumed_kernels, measure_cpu_kernels
+from offload.kernel_probe import CpuKernels, assumed_kernels, best_time, measure_cpu_kernels
 from offload.profiles import load_profiles
 from offload.units import format_flops, format_rate, parse_bytes, parse_rate
 
@@ -336,9 +336,9 @@ def measure_cpu(buffer_bytes: int = 512 * 2**20, repeats: int = 5) -> tuple[floa
 
     weights = torch.ones(buffer_bytes // (4 * 4096), 4096, dtype=torch.float32)
     vector = torch.ones(4096, dtype=torch.float32)
-    read_seconds = _best_time(lambda: torch.mv(weights, vector), repeats)
+    read_seconds = best_time(lambda: torch.mv(weights, vector), repeats)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    matmul_seconds = _best_time(lambda: torch.mm(a, b), repeats)
+    matmul_seconds = best_time(lambda: torch.mm(a, b), repeats)
     return weights.numel() * 4 / read_seconds, 2 * 1024**3 / matmul_seconds
 
 
@@ -353,17 +353,7 @@ def measure_pcie(buffer_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
         device.copy_(host, non_blocking=True)
         torch.cuda.synchronize()
 
-    return buffer_bytes / _best_time(copy, repeats)
-
-
-def _best_time(work, repeats: int) -> float:
-    work()  # warm up: page faults, thread pool, caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return buffer_bytes / best_time(copy, repeats)
 
 
 def _valid_kernels(data: Any) -> bool:

@@ -74,8 +74,8 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
         bank = _random_bank(scheme)
         n_experts = bank.gate_up.data.shape[0]
         nbytes = bank.gate_up.data.nbytes + bank.down.data.nbytes
-        read_fraction[scheme] = nbytes / _best(lambda: _run(bank, 1, n_experts), repeats) / cpu_bw
-        flops[scheme] = 2 * PREFILL_TOKENS * 3 * DIM * HIDDEN / _best(lambda: _run(bank, PREFILL_TOKENS, 1), repeats)
+        read_fraction[scheme] = nbytes / best_time(lambda: _run(bank, 1, n_experts), repeats) / cpu_bw
+        flops[scheme] = 2 * PREFILL_TOKENS * 3 * DIM * HIDDEN / best_time(lambda: _run(bank, PREFILL_TOKENS, 1), repeats)
     return CpuKernels(read_fraction, flops, _op_seconds(), _graph_seconds())
 
 
@@ -101,7 +101,7 @@ def _run(bank, tokens: int, top_k: int) -> None:
 
 def _op_seconds(count: int = 2000) -> float:
     a, b = torch.ones(64), torch.ones(64)
-    return _best(lambda: [torch.add(a, b) for _ in range(count)], 3) / count
+    return best_time(lambda: [torch.add(a, b) for _ in range(count)], 3) / count
 
 
 def _graph_seconds(count: int = 200) -> float:
@@ -111,11 +111,13 @@ def _graph_seconds(count: int = 200) -> float:
 
     layer = QuantLinear.from_weight(quantize_weight(torch.randn(32, 256), FORMATS["q8"]))
     x = torch.randn(1, 256)
-    return _best(lambda: [layer(x) for _ in range(count)], 3) / count
+    return best_time(lambda: [layer(x) for _ in range(count)], 3) / count
 
 
-def _best(work, repeats: int) -> float:
-    work()  # builds graphs, faults pages in
+def best_time(work, repeats: int) -> float:
+    """The fastest of `repeats` timed runs of `work`, after one untimed (graphs built, pages
+    faulted in, thread pools started, caches warm)."""
+    work()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
