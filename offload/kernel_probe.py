@@ -4,8 +4,8 @@ prefill-sized product; and the fixed cost of one torch op and of one ggml graph 
 
 The products are the engine's own (localv3.formats.modules.QuantExpertBank: ggml's mul_mat_id
 graph) over DeepSeek-V3 expert shapes, on weights larger than the caches. Block contents do not
-change the kernels' speed, so the weights are random bytes (quantising ~200 MB would take longer
-than the probe). Stated and profile hardware use `ASSUMED`, never this machine's figures.
+change the kernels' speed, so the weights are one quantised tile of random rows repeated
+(quantising ~200 MB would take longer than the probe). Stated and profile hardware use `ASSUMED`, never this machine's figures.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 DIM, HIDDEN = 7168, 2048  # a DeepSeek-V3 routed expert
 READ_SET_BYTES = 192 * 2**20  # weights streamed per one-token product: beyond the caches
 PREFILL_TOKENS = 64
+TILE_ROWS = 64  # rows quantised once and repeated through the probe's weights
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
 
 
 def _random_bank(scheme: str):
+    from localv3.formats.blocks import quantize_to
     from localv3.formats.modules import QuantExpertBank
     from localv3.formats.table import FORMATS
 
@@ -88,8 +90,9 @@ def _random_bank(scheme: str):
     per_expert = 2 * HIDDEN * gate_up_type.row_bytes(DIM) + DIM * down_type.row_bytes(HIDDEN)
     bank = QuantExpertBank(max(READ_SET_BYTES // per_expert, 1), DIM, HIDDEN, gate_up_type, down_type)
     generator = torch.Generator().manual_seed(0)
-    for data in (bank.gate_up.data, bank.down.data):
-        data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8, generator=generator))
+    for data, block_type, in_features in ((bank.gate_up.data, gate_up_type, DIM), (bank.down.data, down_type, HIDDEN)):
+        rows = quantize_to(torch.randn(TILE_ROWS, in_features, generator=generator), block_type).data  # [R, row bytes]
+        data.view(-1, TILE_ROWS, rows.shape[1]).copy_(rows)  # real blocks (random bytes hold denormal scales)
     return bank
 
 
