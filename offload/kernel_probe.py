@@ -19,12 +19,15 @@ DIM, HIDDEN = 7168, 2048  # a DeepSeek-V3 routed expert
 READ_SET_BYTES = 192 * 2**20  # weights streamed per one-token product: beyond the caches
 PREFILL_TOKENS = 64
 TILE_ROWS = 64  # rows quantised once and repeated through the probe's weights
+EXPERTS_PER_TOKEN = 2  # prefill probe: with ~7 experts in the set, ~18 rows per expert (V3: 64 x 8 / 256 = 2)
+DENSE_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class CpuKernels:
     read_fraction: dict[str, float] = field(default_factory=dict)  # scheme -> of the probe's bandwidth
-    flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s at PREFILL_TOKENS tokens
+    flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of a dense product, PREFILL_TOKENS rows
+    expert_flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of routed experts, ~16 rows each
     op_seconds: float = 4e-6  # one small torch op, dispatch included
     graph_seconds: float = 30e-6  # one ggml graph call on a tiny matrix: thread wake-up, ctypes
 
@@ -32,20 +35,27 @@ class CpuKernels:
         """Bytes/s a one-token product of `scheme` weights streams at (float schemes: the probe's)."""
         return cpu_bw * self.read_fraction.get(scheme, 1.0)
 
-    def flop_rate(self, scheme: str, cpu_flops: float) -> float:
-        """FLOP/s of `scheme` products (float schemes: the probe's fp32 matrix product)."""
-        return self.flops.get(scheme, cpu_flops)
+    def flop_rate(self, scheme: str, cpu_flops: float, experts: bool = False) -> float:
+        """FLOP/s of `scheme` products, dense or routed experts (float schemes: the probe's fp32
+        matrix product)."""
+        return (self.expert_flops if experts else self.flops).get(scheme, cpu_flops)
 
     def to_dict(self) -> dict:
-        return {"read_fraction": self.read_fraction, "flops": self.flops, "op_seconds": self.op_seconds, "graph_seconds": self.graph_seconds}
+        return {
+            "read_fraction": self.read_fraction,
+            "flops": self.flops,
+            "expert_flops": self.expert_flops,
+            "op_seconds": self.op_seconds,
+            "graph_seconds": self.graph_seconds,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> CpuKernels:
+        def rates(key: str) -> dict[str, float]:
+            return {str(k): float(v) for k, v in data[key].items()}
+
         return cls(
-            read_fraction={str(k): float(v) for k, v in data["read_fraction"].items()},
-            flops={str(k): float(v) for k, v in data["flops"].items()},
-            op_seconds=float(data["op_seconds"]),
-            graph_seconds=float(data["graph_seconds"]),
+            rates("read_fraction"), rates("flops"), rates("expert_flops"), float(data["op_seconds"]), float(data["graph_seconds"])
         )
 
 
@@ -58,10 +68,8 @@ ASSUMED_FLOPS_FACTOR = {"q4": 2.0, "q8": 2.0}
 
 
 def assumed_kernels(cpu_flops: float) -> CpuKernels:
-    return CpuKernels(
-        read_fraction=dict(ASSUMED.read_fraction),
-        flops={scheme: factor * cpu_flops for scheme, factor in ASSUMED_FLOPS_FACTOR.items()},
-    )
+    flops = {scheme: factor * cpu_flops for scheme, factor in ASSUMED_FLOPS_FACTOR.items()}
+    return CpuKernels(read_fraction=dict(ASSUMED.read_fraction), flops=flops, expert_flops=dict(flops))
 
 
 def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), repeats: int = 3) -> CpuKernels:
@@ -70,14 +78,18 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
 
     if not ggml.available():
         return CpuKernels(op_seconds=_op_seconds(), graph_seconds=0.0)
-    read_fraction, flops = {}, {}
+    read_fraction, flops, expert_flops = {}, {}, {}
     for scheme in schemes:
         bank = _random_bank(scheme)
         n_experts = bank.gate_up.data.shape[0]
         nbytes = bank.gate_up.data.nbytes + bank.down.data.nbytes
         read_fraction[scheme] = nbytes / best_time(lambda: _run(bank, 1, n_experts), repeats) / cpu_bw
-        flops[scheme] = 2 * PREFILL_TOKENS * 3 * DIM * HIDDEN / best_time(lambda: _run(bank, PREFILL_TOKENS, 1), repeats)
-    return CpuKernels(read_fraction, flops, _op_seconds(), _graph_seconds())
+        pairs = PREFILL_TOKENS * EXPERTS_PER_TOKEN  # (token, expert) products, spread over the bank
+        expert_flops[scheme] = 2 * pairs * 3 * DIM * HIDDEN / best_time(lambda: _run(bank, PREFILL_TOKENS, EXPERTS_PER_TOKEN), repeats)
+        layer = _random_linear(scheme)
+        x = torch.randn(PREFILL_TOKENS, DIM)
+        flops[scheme] = 2 * PREFILL_TOKENS * DIM * layer.out_features / best_time(lambda: layer(x), repeats)
+    return CpuKernels(read_fraction, flops, expert_flops, _op_seconds(), _graph_seconds())
 
 
 def _random_bank(scheme: str):
@@ -96,9 +108,24 @@ def _random_bank(scheme: str):
     return bank
 
 
+def _random_linear(scheme: str):
+    """A dense [DENSE_ROWS, DIM] matrix in `scheme`, as an attention projection or FFN is held."""
+    from localv3.formats.blocks import quantize_to
+    from localv3.formats.modules import QuantLinear
+    from localv3.formats.table import FORMATS
+
+    block_type = FORMATS[scheme].block_type(DIM)
+    layer = QuantLinear(DIM, DENSE_ROWS, block_type)
+    rows = quantize_to(torch.randn(TILE_ROWS, DIM, generator=torch.Generator().manual_seed(1)), block_type).data
+    layer.matrices.data.view(-1, TILE_ROWS, rows.shape[1]).copy_(rows)
+    return layer
+
+
 def _run(bank, tokens: int, top_k: int) -> None:
-    """Every token picks the first `top_k` experts (all of them at one token: the whole set streams)."""
-    indices = torch.arange(top_k).expand(tokens, top_k)  # [T, k]
+    """Token t picks experts t, t + 1, ... (mod the bank): the whole set streams at one token,
+    and a prefill chunk spreads its rows evenly over the experts."""
+    n_experts = bank.gate_up.data.shape[0]
+    indices = (torch.arange(tokens)[:, None] + torch.arange(top_k)[None, :]) % n_experts  # [T, k]
     bank(torch.randn(tokens, DIM), indices, torch.ones(tokens, top_k))
 
 

@@ -174,7 +174,7 @@ class Roofline:
         gpu_part = self._roof(GPU, read[GPU], flops[GPU], self.quant.experts) if read[GPU] else Counter()
         cpu_part: Counter = Counter()
         if read[CPU] or read[DISK]:
-            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK], self.quant.experts)
+            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK], self.quant.experts, experts=True)
             if read[DISK]:
                 cpu_part[DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
         local, remote = (gpu_part, cpu_part) if device == GPU else (cpu_part, gpu_part)
@@ -196,12 +196,14 @@ class Roofline:
             flops[device] += 2 * tokens * p * experts.unit_elements
         return read, flops
 
-    def _roof(self, device: str, nbytes: float, flops: float, scheme: str | None = None) -> Counter:
-        """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates."""
+    def _roof(self, device: str, nbytes: float, flops: float, scheme: str | None = None, experts: bool = False) -> Counter:
+        """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates (the
+        routed experts' products have their own FLOP/s)."""
         hw = self.hardware
         bandwidth, compute = hw.effective(f"{device}_bw"), hw.effective(f"{device}_flops")
         if device == CPU and scheme is not None:
-            bandwidth, compute = hw.kernels.read_rate(scheme, bandwidth), hw.kernels.flop_rate(scheme, compute)
+            bandwidth = hw.kernels.read_rate(scheme, bandwidth)
+            compute = hw.kernels.flop_rate(scheme, compute, experts)
         memory_s = nbytes / bandwidth
         compute_s = flops / compute
         if memory_s >= compute_s:

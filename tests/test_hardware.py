@@ -194,7 +194,7 @@ def test_a_cache_from_another_machine_is_measured_again(home, monkeypatch):
     assert json.loads((home / "hardware.json").read_text())["cpu_bw"] == 30e9
 
 
-MEASURED_KERNELS = CpuKernels(read_fraction={"q4": 0.6, "q8": 0.7}, flops={"q4": 80e9, "q8": 60e9}, op_seconds=3e-6, graph_seconds=20e-6)
+MEASURED_KERNELS = CpuKernels({"q4": 0.6, "q8": 0.7}, {"q4": 80e9, "q8": 60e9}, {"q4": 70e9, "q8": 50e9}, 3e-6, 20e-6)
 
 
 def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_memory(home, monkeypatch):
@@ -204,6 +204,7 @@ def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_m
     first, second = detect_hardware(), detect_hardware()
     assert calls == [20e9] and first.kernels == second.kernels == MEASURED_KERNELS
     assert first.kernels.read_rate("q4", 20e9) == 12e9 and first.kernels.read_rate("fp32", 20e9) == 20e9
+    assert first.kernels.flop_rate("q4", 1e9) == 80e9 and first.kernels.flop_rate("q4", 1e9, experts=True) == 70e9
     assert "q4 60%" in first.basis["cpu_kernels"]
     stated = StatedHardware(cpu_bw=400e9).apply(first)  # another machine's memory: assumed kernels
     assert stated.kernels.read_fraction == {"q4": 0.65, "q8": 0.7}
@@ -215,8 +216,8 @@ def test_kernel_probe_measures_every_scheme(monkeypatch):
     monkeypatch.setattr(kernel_probe, "READ_SET_BYTES", 8 * 2**20)
     monkeypatch.setattr(kernel_probe, "PREFILL_TOKENS", 4)
     kernels = kernel_probe.measure_cpu_kernels(20e9, repeats=1)
-    assert set(kernels.read_fraction) == set(kernels.flops) == {"q4", "q8"}
-    assert all(v > 0 for v in [*kernels.read_fraction.values(), *kernels.flops.values()])
+    assert set(kernels.read_fraction) == set(kernels.flops) == set(kernels.expert_flops) == {"q4", "q8"}
+    assert all(v > 0 for v in [*kernels.read_fraction.values(), *kernels.flops.values(), *kernels.expert_flops.values()])
     assert 0 < kernels.op_seconds < 1e-3 and 0 < kernels.graph_seconds < 1e-1
     assert CpuKernels.from_dict(kernels.to_dict()) == kernels
 
