@@ -134,13 +134,9 @@ class CheckpointReader:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
 
-    def get(self, name: str, dtype: torch.dtype | None = None, expected_shape: tuple[int, ...] | None = None):
+    def get(self, name: str, dtype: torch.dtype | None = None):
         """The tensor in `dtype` (FP8 weights dequantised with their block scales)."""
         info = self.info(name)
-        if expected_shape is not None and tuple(expected_shape) != info.shape:
-            raise CheckpointError(
-                f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(expected_shape)}"
-            )
         tensor = self.raw(name)
         if self.is_fp8(name):
             scale_name = name + SCALE_SUFFIX

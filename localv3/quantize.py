@@ -41,6 +41,7 @@ from localv3.checkpoint import (
 )
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError, LocalV3Error
+from localv3.formats import ggml
 from localv3.formats.blocks import quantize_to
 from localv3.formats.roles import weight_role
 from localv3.formats.table import ABSORBED_SCHEME, BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
@@ -324,6 +325,8 @@ def quantize_checkpoint(
     config, reader = open_source(source_dir)
     work = plan(reader, config, settings)
     jobs = work.jobs
+    if any(job.scheme in BLOCK_TYPES for job in jobs) and not ggml.available():
+        raise QuantizeError("quantising to q4/q8 uses ggml's quantiser: pip install 'localv3[llama]' (llama-cpp-python)")
     output_bytes = sum(spec.nbytes for job in jobs for spec in job.outputs)
     source_bytes = sum(job.source_bytes for job in jobs)
     manifest = Manifest(

@@ -162,7 +162,10 @@ def test_bad_stated_values_are_refused():
 # ----- detection -----------------------------------------------------------------------------
 @pytest.fixture
 def home(tmp_path, monkeypatch):
+    """An empty home: detection measures again (the kernel probe's figures made up, as the
+    bandwidth's are where a test fakes measure_cpu; the probe has a test of its own)."""
     monkeypatch.setenv("LOCALV3_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hw_module, "measure_cpu_kernels", lambda cpu_bw: MEASURED_KERNELS)
     return tmp_path / "home"
 
 

@@ -23,7 +23,7 @@ from localv3.checkpoint import CheckpointReader
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import CheckpointError, ModelNotFoundError
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
-from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeSettings, quantize_checkpoint
+from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeError, QuantizeSettings, quantize_checkpoint
 from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
 from offload.quant import scheme
@@ -202,6 +202,13 @@ def test_output_not_writable(fp8_model, tmp_path):
     blocker.write_text("")
     error = _quantize_error(fp8_model, "--out", blocker / "out")
     assert isinstance(error, OutputError) and "cannot write to" in str(error)
+
+
+def test_without_ggml_block_quantisation_is_refused_up_front(fp8_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("localv3.formats.ggml.available", lambda: False)
+    error = _quantize_error(fp8_model, "--out", tmp_path / "out")
+    assert isinstance(error, QuantizeError) and "pip install 'localv3[llama]'" in str(error)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_not_enough_disk_is_refused_up_front(fp8_model, tmp_path, monkeypatch):

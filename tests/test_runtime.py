@@ -199,9 +199,9 @@ def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, monkeypatch, 
 
 
 def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir, monkeypatch):
-    monkeypatch.setattr(ggml, "available", lambda: False)  # exact arithmetic, as above
     target = tmp_path / "tiny-q4"
     quantize_checkpoint(model_dir, target, QuantizeSettings(experts="q4", dense="q8"), {"model": "tiny"})
+    monkeypatch.setattr(ggml, "available", lambda: False)  # exact arithmetic, as above
     engine = planned(target, Quantization(experts="q4", dense="q8", embeddings="fp32"))
     assert engine.plan.layout.experts_on(2, DISK)  # disk experts dequantise the stored q4 per use
     assert engine.model.model.layers[1].mlp.experts.slices[0].bank.gate_up.block_type.name == "q4_0"

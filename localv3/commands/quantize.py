@@ -44,8 +44,9 @@ def quantize_command(
 ) -> None:
     """Quantize a model, streaming shard by shard; the output appears only when complete.
 
-    localv3 format: routed experts to int4 (groups of 32) or int8 (per row) for the CPU
-    kernels, dense weights to q8 or bf16, norms and router unchanged; `localv3 chat OUT`.
+    localv3 format: weights in ggml block types for its CPU kernels: q4 = Q4_K (Q4_0 for rows
+    not a multiple of 256), q8 = Q8_0; routed experts q4 or q8, attention/shared experts/dense
+    FFN q4, q8 or bf16; norms and router unchanged; `localv3 chat OUT`. Needs llama-cpp-python.
     GGUF: architecture deepseek2 for the llama.cpp engine (`--engine llama.cpp`).
     """
     if output_format not in FORMATS:

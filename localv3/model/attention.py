@@ -19,10 +19,9 @@ from localv3.model.rope import apply_rope, rope_interleaved
 
 
 class MLA(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.layer_index = layer_index
         self.n_heads = c.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank

@@ -1,8 +1,9 @@
 """The compressed latent KV cache of MLA, preallocated per sequence.
 
 Per token and layer it holds the kv_lora_rank latent (after kv_a_layernorm) and the roped
-shared key (qk_rope_head_dim): (512 + 64) values for DeepSeek-V3. Rolling back rejected
-speculative tokens is setting `length` back: later writes overwrite the stale rows.
+shared key (qk_rope_head_dim): (512 + 64) values for DeepSeek-V3. The cache keeps no length:
+each forward says where it writes and reads the rows before it, so rolling back rejected
+speculative tokens is the session's position moving back; later writes overwrite the stale rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ class LatentCache:
         layer_devices: list[torch.device] | None = None,
     ):
         self.max_tokens = max_tokens
-        self.length = 0
         devices = layer_devices or [torch.device(device)] * num_layers
         self.latent = [  # per layer: [B, T, kv_lora_rank]
             torch.zeros(batch_size, max_tokens, config.kv_lora_rank, dtype=dtype, device=d) for d in devices

@@ -20,7 +20,7 @@ from localv3.model.rope import RotaryEmbedding
 class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.self_attn = MLA(config, layer_index)
+        self.self_attn = MLA(config)
         self.mlp = MoE(config) if config.is_moe_layer(layer_index) else FeedForward(
             config.hidden_size, config.intermediate_size
         )
