@@ -76,11 +76,17 @@ class _GraphModule(nn.Module):
         self._graphs = ggml.GraphCache(self._build)
         self._built_for: int | None = None  # data pointer the cached graphs were built over
 
-    def _staged(self, key, weights: torch.Tensor) -> _Staged:
+    def _compute(self, key, weights: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Run the graph for `key` (built over `weights`) on `inputs`: its output buffer, which
+        the next call with the same key overwrites."""
         if self._built_for != weights.data_ptr():
             self._graphs.graphs.clear()
             self._built_for = weights.data_ptr()
-        return self._graphs.get(key)
+        staged = self._graphs.get(key)
+        for name, value in inputs.items():
+            staged.inputs[name].copy_(value)
+        staged.graph.compute()
+        return staged.output
 
     def _build(self, key) -> _Staged:
         raise NotImplementedError
@@ -107,10 +113,7 @@ class QuantLinear(_GraphModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if _uses_ggml(flat.device):
-            staged = self._staged(flat.shape[0], self.matrices.data)
-            staged.inputs["x"].copy_(flat)
-            staged.graph.compute()
-            y = staged.output.to(x.dtype, copy=True)  # [T, out]; the staging buffer is reused
+            y = self._compute(flat.shape[0], self.matrices.data, x=flat).to(x.dtype, copy=True)  # [T, out]
         else:
             y = F.linear(flat, self.matrices.dense(0, flat.dtype))
         if self.bias is not None:
@@ -152,10 +155,7 @@ class QuantFeedForward(_GraphModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.dim)  # [T, D]
         if _uses_ggml(flat.device):
-            staged = self._staged(flat.shape[0], self.gate_up.data)
-            staged.inputs["x"].copy_(flat)
-            staged.graph.compute()
-            y = staged.output.to(x.dtype, copy=True)  # [T, D]
+            y = self._compute(flat.shape[0], self.gate_up.data, x=flat).to(x.dtype, copy=True)  # [T, D]
         else:
             gate, up = F.linear(flat, self.gate_up.dense(0, flat.dtype)).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down.dense(0, flat.dtype))
@@ -194,11 +194,8 @@ class QuantExpertBank(_GraphModule):
         """x [T, D], indices/weights [T, k] -> [T, D]."""
         if not _uses_ggml(x.device):
             return run_experts(x, indices, weights, self.expert_forward)
-        staged = self._staged(indices.shape, self.gate_up.data)
-        staged.inputs["x"].copy_(x)
-        staged.inputs["ids"].copy_(indices)
-        staged.graph.compute()
-        mixed = torch.bmm(weights.unsqueeze(1).to(ACTIVATIONS), staged.output)  # [T, 1, D]
+        outputs = self._compute(indices.shape, self.gate_up.data, x=x, ids=indices)  # [T, k, D]
+        mixed = torch.bmm(weights.unsqueeze(1).to(ACTIVATIONS), outputs)  # [T, 1, D]
         return mixed.view(x.shape).to(x.dtype)
 
     def _build(self, shape: tuple[int, int]) -> _Staged:
@@ -239,10 +236,7 @@ class QuantHeadProjection(_GraphModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _uses_ggml(x.device):
             return torch.bmm(x, self.dense_weight(x.dtype).transpose(1, 2))
-        staged = self._staged(x.shape[1], self.matrices.data)
-        staged.inputs["x"].copy_(x)
-        staged.graph.compute()
-        return staged.output.to(x.dtype, copy=True)  # [H, N, out]; the staging buffer is reused
+        return self._compute(x.shape[1], self.matrices.data, x=x).to(x.dtype, copy=True)  # [H, N, out]
 
     def _build(self, tokens: int) -> _Staged:
         graph = ggml.Graph()
