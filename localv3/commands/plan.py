@@ -52,9 +52,13 @@ def plan_command(
     context: Optional[int] = typer.Option(
         None, "--context", help=f"tokens of KV cache to plan for (default {DEFAULT_CONTEXT}, at most the model's)"
     ),
-    experts: str = typer.Option("q4", "--experts", help="routed experts: q4, q8, fp8, bf16"),
-    dense: str = typer.Option("q8", "--dense", help="attention, dense FFN, shared experts: q8, fp8, bf16"),
-    embeddings: str = typer.Option("bf16", "--embeddings", help="embeddings and lm_head: bf16, q8, fp8"),
+    experts: Optional[str] = typer.Option(
+        None, "--experts", help="routed experts: q4, q8, fp8, bf16 (default: as a localv3 checkpoint stores them, else q4)"
+    ),
+    dense: Optional[str] = typer.Option(
+        None, "--dense", help="attention, dense FFN, shared experts: q4, q8, fp8, bf16 (default: as stored, else q8)"
+    ),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="embeddings and lm_head: bf16, fp8 (default bf16)"),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="keep every routed expert off the GPU"),
     n_cpu_moe: Optional[int] = typer.Option(
         None, "--n-cpu-moe", help="routed experts of layers < N in RAM, of the other layers on the GPU"
@@ -74,7 +78,7 @@ def plan_command(
     shape = ModelShape.from_config(config, name)
     stated = StatedHardware.from_text(gpu_mem, ram, cpu_bw, gpu_bw, pcie, cores)
     hardware = stated.apply(hardware_from_profile(profile) if profile else detect_hardware(model_dir))
-    quant = Quantization(experts=experts, dense=dense, embeddings=embeddings)
+    quant = _planned_quantization(model_dir, experts, dense, embeddings)
     profile_path = routing_profile or find_profile(model_dir)
     policy = Policy(
         cpu_moe=cpu_moe,
@@ -93,6 +97,18 @@ def plan_command(
         print(json.dumps(result.to_dict()))
         return
     render_plan(result, shape, Console(file=sys.stdout))
+
+
+def _planned_quantization(model_dir: Path | None, experts: str | None, dense: str | None, embeddings: str | None) -> Quantization:
+    """The schemes stated, else what a localv3 checkpoint stores (what the engine will load),
+    else q4 experts and q8 dense weights (what `localv3 quantize` writes by default)."""
+    from localv3.quantized import read_manifest
+
+    manifest = read_manifest(model_dir) if model_dir is not None else None
+    stored = Quantization(experts=manifest.experts, dense=manifest.dense) if manifest else Quantization()
+    return Quantization(
+        experts=experts or stored.experts, dense=dense or stored.dense, embeddings=embeddings or stored.embeddings
+    )
 
 
 def _model_config(spec: str) -> tuple[ModelConfig, str, Path | None]:
