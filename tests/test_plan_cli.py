@@ -116,3 +116,16 @@ def test_errors_reach_the_user_as_one_line(monkeypatch, capsys, args, message):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], err
     assert all(line.startswith(("hardware", "  ")) for line in lines[:-1])  # only the hardware notes before it
+
+
+def test_a_localv3_checkpoint_is_planned_as_it_stores_its_weights(tmp_path):
+    """What the engine will load (q8 experts, q4 dense here), unless other schemes are stated."""
+    from localv3.quantize import QuantizeSettings, quantize_checkpoint
+    from localv3.synthetic import write_checkpoint
+    from model_configs import TINY_V3
+
+    source = write_checkpoint(tmp_path / "src", {**TINY_V3, "q_lora_rank": 64})
+    target = quantize_checkpoint(source, tmp_path / "q", QuantizeSettings(experts="q8", dense="q4"), {"model": "t"}).path
+    assert plan_json(str(target))["quantization"] == {"experts": "q8", "dense": "q4", "embeddings": "bf16"}
+    assert plan_json(str(target), "--experts", "q4")["quantization"]["experts"] == "q4"
+    assert plan_json(str(source))["quantization"] == {"experts": "q4", "dense": "q8", "embeddings": "bf16"}
