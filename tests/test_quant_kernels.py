@@ -162,3 +162,12 @@ def test_quant_head_projection_matches_per_head_formula(kernel, seed, tokens):
     assert torch.equal(dequantized[1], quantize_to(weight[1], Q8_0).dequantize())
     expected = torch.stack([x[h] @ dequantized[h].T for h in range(heads)])  # [H, N, out]
     assert rel_err(projection(x), expected) < tolerance(kernel)
+
+
+def test_only_small_token_graphs_stay_cached():
+    """Decode-sized graphs are kept; a prefill chunk's graph (and its intermediates) is not."""
+    fmt = FORMATS["q8"]
+    layer = QuantLinear.from_weight(quantize_weight(random_weight(0, 32, 64), fmt))
+    for tokens in (1, 2, ggml.KEPT_TOKENS + 1, 1):
+        layer(torch.randn(tokens, 64))
+    assert sorted(layer._graphs.graphs) == [1, 2]

@@ -281,22 +281,31 @@ class Graph:
             lib_.ggml_free(self.ctx)
 
 
-class GraphCache:
-    """Graphs of one module keyed by token count, built on first use (a handful: decode is 1
-    token, MTP verification 2-4, prefill its chunk size and a last partial chunk)."""
+KEPT_TOKENS = 16  # graphs for at most this many tokens are kept; larger ones are built per call
 
-    def __init__(self, build: Callable[[int], object], size: int = 8):
+
+class GraphCache:
+    """Graphs of one module keyed by token count (or (tokens, k)), built on first use. Small
+    ones are kept (decode is 1 token, MTP verification 2-4): a handful per module. A prefill
+    chunk's graph holds its intermediates (~220 MB for a DeepSeek-V3 expert layer at 512
+    tokens), so those are built for the call and dropped: kept for every layer they would add
+    up to gigabytes, while building one costs well under a millisecond against its compute."""
+
+    def __init__(self, build: Callable[[object], object], size: int = 8):
         self.build = build
         self.size = size
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[object, object] = {}
 
-    def get(self, tokens: int):
-        graph = self.graphs.pop(tokens, None)
+    def get(self, key):
+        tokens = key[0] if isinstance(key, tuple) else key
+        if tokens > KEPT_TOKENS:
+            return self.build(key)
+        graph = self.graphs.pop(key, None)
         if graph is None:
-            graph = self.build(tokens)
+            graph = self.build(key)
             if len(self.graphs) >= self.size:
                 self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[tokens] = graph  # most recent last
+        self.graphs[key] = graph  # most recent last
         return graph
 
 
