@@ -9,6 +9,9 @@ kernels were compute-bound at 5-11 GB/s.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +25,21 @@ ACTIVATIONS = torch.float32  # what the ggml graphs take in and give out
 
 
 def _uses_ggml(device: torch.device) -> bool:
-    return device.type == "cpu" and ggml.available()
+    if device.type != "cpu":
+        return False
+    if ggml.available():
+        return True
+    _warn_slow_path()
+    return False
+
+
+@functools.cache
+def _warn_slow_path() -> None:
+    print(
+        "localv3: warning: llama-cpp-python is not installed, so quantised weights are dequantised "
+        "on every call (slow); pip install 'localv3[llama]' for ggml's CPU kernels",
+        file=sys.stderr,
+    )
 
 
 class QuantMatrices(nn.Module):
