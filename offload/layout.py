@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GPU, CPU, DISK = "gpu", "cpu", "disk"
-DEVICES = (GPU, CPU, DISK)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Routing statistics: how many tokens each MoE layer sent to each routed expert.
 
-A run records them from each MoE layer's router and saves them as a routing profile, JSON,
-next to the model (`<model dir>/routing_profile.json`), or in
-`$LOCALV3_HOME/profiles/<model>.json` where the model directory cannot be written. The planner
-reads a profile as `Policy.routing_profile` ({MoE layer: [count per expert]}) to pick the
-hottest experts for spare VRAM. Counts accumulate over runs: a run starts from the saved ones.
+A run records them from each MoE layer's router and saves them as a routing profile, JSON, in
+`$LOCALV3_HOME/profiles/<model>.json` (never in the model's own directory, which may be a hub
+snapshot or the installed package); a profile shipped next to a model
+(`<model dir>/routing_profile.json`) is read first. The planner reads a profile as
+`Policy.routing_profile` ({MoE layer: [count per expert]}) to pick the hottest experts for
+spare VRAM. Counts accumulate over runs: a run starts from the saved ones.
 """
 
 from __future__ import annotations
