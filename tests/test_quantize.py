@@ -344,3 +344,12 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     report = f"MiB above baseline {above}, largest shard {largest_shard / 2**20:.1f} MiB, sizes {sizes}"
     assert max(peaks.values()) - baseline < largest_shard + 64 * 2**20, report
     assert peaks["large"] - peaks["small"] < (sizes["large"] - sizes["small"]) / 4, report
+
+
+def test_show_validates_a_quantized_checkpoint_and_counts_its_weights(fp8_model, quantized):
+    source = json.loads(runner.invoke(app, ["show", str(fp8_model), "--json"]).stdout)
+    for out in quantized.values():
+        result = runner.invoke(app, ["show", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["params_total"] == source["params_total"] and summary["dtypes"]["uint8"] > 0
