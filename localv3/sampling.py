@@ -46,8 +46,23 @@ def model_sampling_defaults(model_path: Path) -> SamplingDefaults:
         config = {}
     except (OSError, ValueError) as exc:
         raise LocalV3Error(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LocalV3Error(f"{path}: expected a JSON object, got {type(config).__name__}")
     temperature = config.get("temperature", FALLBACK_TEMPERATURE) if config.get("do_sample", True) else 0.0
-    return SamplingDefaults(float(temperature), float(config.get("top_p", FALLBACK_TOP_P)), int(config.get("top_k", 0)))
+    return SamplingDefaults(
+        _number(path, "temperature", temperature, float),
+        _number(path, "top_p", config.get("top_p", FALLBACK_TOP_P), float),
+        _number(path, "top_k", config.get("top_k", 0), int),
+    )
+
+
+def _number(path: Path, field: str, value, kind: type):
+    """A generation_config.json number, or a LocalV3Error naming the file and the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise LocalV3Error(f"{path}: {field} must be a non-negative number, not {json.dumps(value)}")
+    if kind is int and value != int(value):
+        raise LocalV3Error(f"{path}: {field} must be a whole number, not {json.dumps(value)}")
+    return kind(value)
 
 
 def new_generator(settings: SamplingSettings) -> torch.Generator:
@@ -66,7 +81,9 @@ def token_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> tor
     if settings.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
-        sorted_probs = sorted_probs.masked_fill(before >= settings.top_p, 0.0)
+        outside = before >= settings.top_p
+        outside[..., 0] = False  # the most likely token always stays: top-p 0 is greedy
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs

@@ -1,5 +1,7 @@
 """Tokenizer, chat template, streaming detokenisation, sampling and stop conditions."""
 
+import json
+
 import pytest
 import torch
 
@@ -152,3 +154,17 @@ def test_chunked_prefill_gives_the_one_pass_logits_and_mtp_tokens(engine, monkey
     torch.testing.assert_close(chunked.prefill(ids), expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(chunked.last_hidden, whole.last_hidden, atol=1e-4, rtol=0)
     assert engine.generate(ids, max_new_tokens=12) == expected_tokens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_p_zero_keeps_only_the_most_likely_token(seed):
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(seed))
+    probs = token_probabilities(logits, SamplingSettings(temperature=0.8, top_p=0.0))
+    assert probs.argmax() == logits.argmax() and probs.max().item() == 1.0
+
+
+@pytest.mark.parametrize("field,value", [("temperature", "hot"), ("top_p", [0.9]), ("top_k", 2.5), ("top_p", -1)])
+def test_a_bad_generation_config_value_names_file_and_field(tmp_path, field, value):
+    (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(LocalV3Error, match=rf"generation_config.json: {field} must be"):
+        model_sampling_defaults(tmp_path)
