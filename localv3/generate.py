@@ -81,6 +81,11 @@ def plain_steps(session: DecodeSession, logits: torch.Tensor, sampling: Sampling
         logits = session.decode(token)
 
 
+def check_max_new_tokens(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LocalV3Error(f"max_new_tokens must be a whole number >= 0, not {value!r}")
+
+
 def stream_generate(
     session: DecodeSession,
     tokenizer: Tokenizer | None,
@@ -94,6 +99,7 @@ def stream_generate(
 ) -> Iterator[GenerationChunk]:
     """`cached_tokens`: the session already holds prompt_ids[:cached_tokens] (a reused prefix)."""
     sampling = sampling or SamplingSettings()
+    check_max_new_tokens(max_new_tokens)
     if not prompt_ids:
         raise LocalV3Error("the prompt is empty")
     if len(prompt_ids) >= session.capacity:
@@ -103,6 +109,9 @@ def stream_generate(
         )
     budget = min(max_new_tokens, session.capacity - len(prompt_ids))
     length_reason = "length" if budget == max_new_tokens else "context"
+    if budget == 0:  # nothing asked for: no forward at all
+        yield GenerationChunk(stats=GenerationStats(prompt_tokens=len(prompt_ids), finish_reason=length_reason))
+        return
     stops = set(stop_token_ids or [])
     stop_strings = [s for s in (stop_strings or []) if s]
     decoder = StreamDecoder(tokenizer) if tokenizer is not None else None

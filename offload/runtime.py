@@ -33,7 +33,7 @@ from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
 from localv3.config import ModelConfig
 from localv3.engines.base import DEFAULT_MAX_CONTEXT
 from localv3.engines.native import NativeEngine, default_device, default_dtype
-from localv3.errors import CheckpointError
+from localv3.errors import CheckpointError, LocalV3Error
 from localv3.loader import (
     checkpoint_name,
     expected_tensors,
@@ -358,6 +358,8 @@ def load_planned(
     threads default to default_cpu_threads(config); the compute dtype defaults to bf16 when the
     first layer runs on CUDA, else fp32.
     """
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise LocalV3Error(f"max_context must be a whole number of tokens >= 1, not {context!r}")
     model_dir = resolve_model_dir(model)
     config = ModelConfig.from_file(model_dir)
     hardware = hardware or detect_hardware(model_dir)

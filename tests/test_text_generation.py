@@ -168,3 +168,24 @@ def test_a_bad_generation_config_value_names_file_and_field(tmp_path, field, val
     (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
     with pytest.raises(LocalV3Error, match=rf"generation_config.json: {field} must be"):
         model_sampling_defaults(tmp_path)
+
+
+def test_zero_new_tokens_generate_nothing_and_bad_counts_are_refused(engine):
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    assert engine.generate(ids, max_new_tokens=0) == []
+    for bad in (-1, 2.5, True):
+        with pytest.raises(LocalV3Error, match="max_new_tokens must be a whole number >= 0"):
+            engine.generate(ids, max_new_tokens=bad)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(engine):
+    vocab = engine.config.vocab_size
+    for bad in (-1, vocab):
+        with pytest.raises(LocalV3Error, match=rf"token id {bad} is outside the vocabulary \(0\.\.{vocab - 1}\)"):
+            engine.logits([1, 2, bad])
+
+
+def test_a_bad_max_context_is_refused(chat_model_dir):
+    for bad in (-5, 0, 1.5):
+        with pytest.raises(LocalV3Error, match="max_context must be a whole number of tokens >= 1"):
+            localv3.load(chat_model_dir, device="cpu", max_context=bad)

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from localv3.config import ModelConfig
-from localv3.generate import DecodeSession, GenerationChunk, StepStrategy, plain_steps, stream_generate
+from localv3.generate import (
+    DecodeSession,
+    GenerationChunk,
+    StepStrategy,
+    check_max_new_tokens,
+    plain_steps,
+    stream_generate,
+)
 from localv3.sampling import SamplingSettings
 from localv3.tokenizer import Tokenizer
 
@@ -63,6 +70,7 @@ class Engine:
     ) -> Iterator[GenerationChunk]:
         """`reuse_cache` keeps the session between calls and prefills only what follows the
         longest prefix the new prompt shares with it (a chat's earlier turns)."""
+        check_max_new_tokens(max_new_tokens)  # before it sizes the session
         capacity = min(context or self.max_context, self.max_context)
         if reuse_cache:
             session, cached = self._session_sharing_prefix(token_ids, capacity)

@@ -8,6 +8,7 @@ import torch
 
 from localv3.config import ModelConfig
 from localv3.engines.base import Engine
+from localv3.errors import LocalV3Error
 from localv3.generate import StepStrategy, plain_steps
 from localv3.model.transformer import Transformer
 from localv3.speculative import MTPSpeculation
@@ -41,6 +42,10 @@ class NativeSession:
     def forward(self, token_ids: list[int], logits_rows: int | None = None) -> torch.Tensor:
         """Run tokens at the current position -> logits [logits_rows or S, V] fp32 of the last
         positions; advances the position."""
+        vocab = self.model.config.vocab_size
+        outside = [t for t in token_ids if not 0 <= t < vocab]
+        if outside:
+            raise LocalV3Error(f"token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
         device = self.model.model.embed_tokens.weight.device
         tokens = torch.tensor([token_ids], dtype=torch.long, device=device)
         logits, self.last_hidden = self.model(tokens, self.position, self.cache, logits_rows)
