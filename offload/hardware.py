@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from localv3.errors import LocalV3Error
+from localv3.files import cache_text
 from localv3.render import format_bytes
 from offload.kernel_probe import CpuKernels, assumed_kernels, best_time, measure_cpu_kernels
 from offload.profiles import load_profiles
@@ -373,8 +374,5 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    except OSError:
-        pass  # a read-only home only costs a new measurement next time
+    """A read-only or full home only costs a new measurement next time."""
+    cache_text(path, json.dumps(data, indent=2) + "\n", "the hardware probe")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localv3.errors import LocalV3Error
+from localv3.files import write_text_atomic
 
 if TYPE_CHECKING:  # `localv3 plan` reads profiles without importing torch
     import torch
@@ -80,7 +80,7 @@ class RoutingStats:
             "layers": {str(layer): counts for layer, counts in self.profile().items()},
         }
         text = json.dumps(data, indent=1) + "\n"
-        return _write(profile_paths(model_dir)[1], text)
+        return write_text_atomic(profile_paths(model_dir)[1], text)
 
     @classmethod
     def resume(cls, model_dir: Path, n_experts: int) -> RoutingStats:
@@ -122,15 +122,3 @@ def load_profile(path: Path) -> dict[int, list[int]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RoutingProfileError(f"{path}: unreadable routing profile ({exc})") from None
     return profile
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
-    except OSError:
-        partial.unlink(missing_ok=True)
-        raise
-    return path

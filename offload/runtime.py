@@ -34,6 +34,7 @@ from localv3.config import ModelConfig
 from localv3.engines.base import DEFAULT_MAX_CONTEXT
 from localv3.engines.native import NativeEngine, default_device, default_dtype
 from localv3.errors import CheckpointError, LocalV3Error
+from localv3.files import warn
 from localv3.loader import (
     checkpoint_name,
     expected_tensors,
@@ -312,8 +313,14 @@ class PlannedEngine(NativeEngine):
             if self.routing is not None:
                 self.save_routing_profile()
 
-    def save_routing_profile(self) -> Path:
-        return self.routing.save(self.path)
+    def save_routing_profile(self) -> Path | None:
+        """The profile written; a home that cannot be written costs a warning line, never the
+        generation (it has already been printed)."""
+        try:
+            return self.routing.save(self.path)
+        except OSError as exc:
+            warn(f"could not save the routing profile of {self.path.name}: {exc.strerror or exc}")
+            return None
 
 
 def stored_quantization(manifest: Manifest | None, config: ModelConfig) -> Quantization:

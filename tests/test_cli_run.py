@@ -274,3 +274,21 @@ def test_closed_pipe_is_quiet(chat_model_dir):
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
     assert len(done.stdout) == 1
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+def test_an_unwritable_home_costs_warnings_not_the_answer(chat_model_dir, monkeypatch, capsys, tmp_path):
+    """Caches (hardware probe, routing profile) are best-effort: a read-only or full
+    LOCALV3_HOME gives one warning line each, the answer and exit 0."""
+    from localv3 import files
+
+    def read_only(path, text):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(files, "write_text_atomic", read_only)
+    monkeypatch.setattr("offload.routing_stats.write_text_atomic", read_only)
+    code, out, err = run_main(monkeypatch, capsys, ["run", str(chat_model_dir), "Hello", "--max-tokens", "4"])
+    assert code == 0 and out.strip()
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 2 and all(line.startswith("localv3: warning: could not save ") for line in warnings), err
+    assert "Read-only file system" in warnings[0] and "routing profile" in warnings[1]

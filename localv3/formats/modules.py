@@ -10,12 +10,12 @@ kernels were compute-bound at 5-11 GB/s.
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localv3.files import warn
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight, dequantize_rows, quantize_to
 from localv3.formats.table import BlockType, QuantError
@@ -35,10 +35,9 @@ def _uses_ggml(device: torch.device) -> bool:
 
 @functools.cache
 def _warn_slow_path() -> None:
-    print(
-        "localv3: warning: llama-cpp-python is not installed, so quantised weights are dequantised "
-        "on every call (slow); pip install 'localv3[llama]' for ggml's CPU kernels",
-        file=sys.stderr,
+    warn(
+        "llama-cpp-python is not installed, so quantised weights are dequantised on every call "
+        "(slow); pip install 'localv3[llama]' for ggml's CPU kernels"
     )
 
 
