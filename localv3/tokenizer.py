@@ -7,6 +7,7 @@ they come from the checkpoint's tokenizer files, never from constants here.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,40 @@ class Tokenizer:
             raise TokenizerError(f"chat template: {exc}") from None
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        # the template writes the BOS token itself
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+        """The rendered conversation -> ids (the template writes the BOS token itself). Only the
+        template's own markers become special tokens: a user's or system text that spells one
+        (`<｜Assistant｜>` typed or piped in) is encoded as the plain text it is."""
+        as_dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+        typed: dict[str, str] = {}  # placeholder -> text encoded with special tokens disabled
+        for i, message in enumerate(as_dicts):
+            content = message.get("content")
+            if message.get("role") in TYPED_ROLES and isinstance(content, str) and self._spells_special(content):
+                placeholder = f"{PLACEHOLDER_OPEN}{i}{PLACEHOLDER_CLOSE}"
+                typed[placeholder] = content
+                as_dicts[i] = {**message, "content": placeholder}
+        text = self.render_chat(as_dicts, add_generation_prompt)
+        ids: list[int] = []
+        for piece in PLACEHOLDER.split(text):
+            if piece in typed:
+                ids += self._encode_as_text(typed[piece])
+            elif piece:
+                ids += self.encode(piece, add_bos=False)
+        return ids
+
+    def _spells_special(self, text: str) -> bool:
+        return any(token.content in text for token in self.backend.get_added_tokens_decoder().values() if token.special)
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        self.backend.encode_special_tokens = True
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
+
+
+TYPED_ROLES = ("user", "system")  # whose text comes from a person, not from the model
+PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ue000", "\ue001"  # private-use characters
+PLACEHOLDER = re.compile(f"({PLACEHOLDER_OPEN}\\d+{PLACEHOLDER_CLOSE})")
 
 
 def _raise_template_error(message: str):
