@@ -217,14 +217,22 @@ class LlamaCppTokenizer(Tokenizer):
         return ids[0] if len(ids) == 1 else None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        add_bos = self.add_bos_token if add_bos is None else add_bos
+        return self._tokenize(text, self.add_bos_token if add_bos is None else add_bos, parse_special=True)
+
+    def _spells_special(self, text: str) -> bool:
+        return self._tokenize(text, False, parse_special=True) != self._encode_as_text(text)
+
+    def _encode_as_text(self, text: str) -> list[int]:
+        return self._tokenize(text, False, parse_special=False)
+
+    def _tokenize(self, text: str, add_bos: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 2
         tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, True)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_bos, parse_special)
         if n < 0:  # never more tokens than bytes + BOS, but follow the API's contract
             tokens = (llama_cpp.llama_token * -n)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, -n, add_bos, True)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, -n, add_bos, parse_special)
         return list(tokens[:n])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
