@@ -9,6 +9,7 @@ are dequantised on request. No pickle: only safetensors files are read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -66,21 +67,48 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
-    infos = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    infos, spans = {}, []
     data_size = size - 8 - header_len
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        start, end = meta["data_offsets"]
+        info, (start, end) = _tensor_info(path, name, meta)
         if end > data_size:
             raise CheckpointError(
                 f"{path}: truncated safetensors file: tensor {name} needs bytes up to {end}, file has {data_size}"
             )
-        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        infos[name] = TensorInfo(name, path, dtype, tuple(meta["shape"]), end - start)
+        infos[name] = info
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, previous_end, previous), (start, _, name) in zip(spans, spans[1:]):
+        if start < previous_end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {previous} and {name} overlap")
     return infos
+
+
+def _tensor_info(path: Path, name: str, meta) -> tuple[TensorInfo, tuple[int, int]]:
+    """One header entry, checked: dtype known, shape and data_offsets well formed, and the
+    offsets spanning exactly the bytes the shape and dtype need."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name} {why}")
+
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+        raise corrupt("lacks dtype, shape or data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise corrupt(f"has shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise corrupt(f"has data_offsets {offsets!r}")
+    start, end = offsets
+    needed = math.prod(shape) * dtype.itemsize
+    if not 0 <= start <= end or end - start != needed:
+        raise corrupt(f"has data_offsets [{start}, {end}] for {needed} bytes of {meta['dtype']} {shape}")
+    return TensorInfo(name, path, dtype, tuple(shape), needed), (start, end)
 
 
 class CheckpointReader:
@@ -103,6 +131,8 @@ class CheckpointReader:
                 raise CheckpointError(f"{index}: malformed index ({exc})") from None
             files = sorted(set(weight_map.values()))
             for name in files:
+                if not isinstance(name, str) or not (self.dir / name).resolve().is_relative_to(self.dir.resolve()):
+                    raise CheckpointError(f"{index}: shard {name!r} lies outside the model directory")
                 if not (self.dir / name).is_file():
                     tensor = next(t for t, f in weight_map.items() if f == name)
                     raise CheckpointError(f"{self.dir / name}: missing shard (holds tensor {tensor})")

@@ -100,3 +100,58 @@ def test_cli_prints_one_line_and_no_traceback(sharded):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "missing shard" in result.stderr
+
+
+def _rewrite_header(path, edit) -> None:
+    """Apply `edit` to a safetensors file's JSON header, keeping its data bytes."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(edit(header)).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+
+
+def _first_tensor(header: dict) -> str:
+    return next(name for name in header if name != "__metadata__")
+
+
+@pytest.mark.parametrize(
+    "corruption,message",
+    [
+        (lambda h: [h], "header is not a JSON object"),
+        (lambda h: {**h, _first_tensor(h): {"dtype": "F32", "shape": [1]}}, "lacks dtype, shape or data_offsets"),
+        (lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "data_offsets": list(reversed(h[_first_tensor(h)]["data_offsets"]))}}, "has data_offsets"),
+        (lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "data_offsets": [0, 4]}}, "has data_offsets [0, 4]"),
+        (lambda h: {**h, _first_tensor(h): {**h[_first_tensor(h)], "shape": "big"}}, "has shape 'big'"),
+    ],
+)
+def test_a_corrupt_safetensors_header_is_one_line_naming_the_file(tmp_path, corruption, message):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    _rewrite_header(model / "model.safetensors", corruption)
+    with pytest.raises(CheckpointError, match="model.safetensors: ") as error:
+        localv3.load(model)
+    assert message in str(error.value)
+    assert_cli_error(model, "model.safetensors", message)
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+
+    def overlap(header):
+        first, second = sorted(n for n in header if n != "__metadata__")[:2]
+        header[second] = dict(header[first])  # the same bytes claimed twice
+        return header
+
+    _rewrite_header(model / "model.safetensors", overlap)
+    with pytest.raises(CheckpointError, match="overlap"):
+        localv3.load(model)
+
+
+def test_an_index_may_not_point_outside_the_model_directory(sharded, tmp_path):
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../elsewhere/model.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"shard '../../elsewhere/model.safetensors' lies outside the model directory"):
+        localv3.load(sharded)
