@@ -42,6 +42,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)  # weights
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

@@ -120,6 +120,8 @@ def stream_generate(
 
     start = time.perf_counter()
     logits = session.prefill(list(prompt_ids[cached_tokens:]))
+    if not torch.isfinite(logits).all():
+        raise LocalV3Error("the model produced NaN or infinite logits: its weights or config.json are corrupt")
     stats.prompt_s = time.perf_counter() - start
     text_out = _StopStringFilter(stop_strings)
     first_token_at = None

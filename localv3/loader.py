@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from localv3.checkpoint import CheckpointReader
+from localv3.checkpoint import FLOAT_DTYPES, CheckpointReader
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError
 from localv3.model.moe import DenseExpertBank
@@ -74,8 +74,9 @@ def expected_tensors(config: ModelConfig, model: Transformer) -> dict[str, tuple
 
 
 def validate_checkpoint(reader: CheckpointReader, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
-    """One clear error for the first missing tensor or wrong shape, naming file and tensor."""
-    for tensor_name, (_, shape) in expected.items():
+    """One clear error for the first missing tensor, wrong shape or wrong dtype (weights are
+    floats, a localv3 checkpoint's quantised blocks bytes), naming file and tensor."""
+    for tensor_name, (name, shape) in expected.items():
         if tensor_name not in reader:
             raise CheckpointError(f"{reader.dir}: tensor {tensor_name} is missing from the checkpoint")
         info = reader.info(tensor_name)
@@ -83,6 +84,10 @@ def validate_checkpoint(reader: CheckpointReader, expected: dict[str, tuple[str,
             raise CheckpointError(
                 f"{info.file}: tensor {tensor_name} has shape {list(info.shape)}, expected {list(shape)}"
             )
+        allowed = (torch.uint8,) if name.endswith(".qweight") else FLOAT_DTYPES
+        if info.dtype not in allowed:
+            wanted = "uint8 blocks" if allowed == (torch.uint8,) else "a float dtype (F32, F16, BF16, F8)"
+            raise CheckpointError(f"{info.file}: tensor {tensor_name} is {str(info.dtype).removeprefix('torch.')}, expected {wanted}")
 
 
 def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from localv3.checkpoint import (
+    FLOAT_DTYPES,
     INDEX_FILE,
     SCALE_SUFFIX,
     CheckpointReader,
@@ -52,7 +53,6 @@ from localv3.stream_writer import StreamedSafetensors, TensorSpec
 EXPERT_CHOICES = EXPERT_SCHEMES
 DENSE_CHOICES = DENSE_SCHEMES
 CHUNK_ELEMENTS = 8 * 1024 * 1024  # rows per chunk: ~32 MiB of fp32 working set
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DISK_MARGIN = 64 * 1024 * 1024
 COPIED_FILES = ("*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt", "*.py")

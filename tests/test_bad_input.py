@@ -155,3 +155,21 @@ def test_an_index_may_not_point_outside_the_model_directory(sharded, tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"shard '../../elsewhere/model.safetensors' lies outside the model directory"):
         localv3.load(sharded)
+
+
+def test_a_weight_relabelled_as_integers_is_refused(tmp_path):
+    """Same byte size, wrong dtype: refused before loading rather than garbage generated."""
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    _rewrite_header(model / "model.safetensors", lambda h: {**h, "model.embed_tokens.weight": {**h["model.embed_tokens.weight"], "dtype": "I32"}})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.embed_tokens.weight is int32, expected a float dtype"):
+        localv3.load(model)
+
+
+def test_nan_weights_stop_at_the_first_step(tmp_path):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, str(model / "model.safetensors"))
+    engine = localv3.load(model, device="cpu")
+    with pytest.raises(localv3.LocalV3Error, match="the model produced NaN or infinite logits"):
+        engine.generate([1, 2, 3], max_new_tokens=4)
