@@ -31,6 +31,28 @@ REQUIRED_FIELDS = (
 )
 
 
+MAX_SIZE = 1 << 24  # no dimension of a real model comes near it; a typo like 1e9 does
+# (field, lowest, highest) of every integer field the engine reads
+INTEGER_FIELDS = (
+    *((name, 1, MAX_SIZE) for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")),
+    *((name, 1, MAX_SIZE) for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")),
+    ("q_lora_rank", 1, MAX_SIZE),
+    ("moe_intermediate_size", 0, MAX_SIZE),
+    ("max_position_embeddings", 1, MAX_SIZE),
+    ("num_hidden_layers", 1, 1024),
+    ("num_nextn_predict_layers", 0, 16),
+    ("first_k_dense_replace", 0, 1024),
+    ("moe_layer_freq", 1, 1024),
+    ("n_routed_experts", 0, 65536),
+    ("n_shared_experts", 0, 64),
+    ("num_experts_per_tok", 1, 65536),
+    ("n_group", 1, 65536),
+    ("topk_group", 1, 65536),
+)
+OPTIONAL_FIELDS = {"q_lora_rank", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group"}
+REAL_FIELDS = (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 0.0, 1e12), ("routed_scaling_factor", 0.0, 1e6))
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -118,6 +140,25 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def validate(self, source: str = "config.json") -> None:
+        """Every field the engine reads, with the file, the field and the allowed range in the
+        message, before anything is allocated."""
+        for name, low, high in INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{source}: {name} must be a whole number from {low} to {high:,}, not {json.dumps(value)}")
+        for name, low, high in REAL_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+                raise ConfigError(f"{source}: {name} must be a number above {low:g} and below {high:g}, not {json.dumps(value)}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object or null, not {json.dumps(self.rope_scaling)}")
+        if self.n_routed_experts:
+            if self.num_experts_per_tok and self.num_experts_per_tok > self.n_routed_experts:
+                raise ConfigError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})")
+            if self.topk_group and self.n_group and self.topk_group > self.n_group:
+                raise ConfigError(f"{source}: topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
         if self.scoring_func not in ("sigmoid", "softmax"):
             raise ConfigError(f"{source}: unsupported scoring_func {self.scoring_func!r}")
         if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):

@@ -173,3 +173,28 @@ def test_nan_weights_stop_at_the_first_step(tmp_path):
     engine = localv3.load(model, device="cpu")
     with pytest.raises(localv3.LocalV3Error, match="the model produced NaN or infinite logits"):
         engine.generate([1, 2, 3], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_hidden_layers", 1e9, "num_hidden_layers must be a whole number from 1 to 1,024, not 1000000000.0"),
+        ("hidden_size", -4, "hidden_size must be a whole number from 1 to"),
+        ("vocab_size", 0, "vocab_size must be a whole number from 1 to"),
+        ("kv_lora_rank", "512", 'kv_lora_rank must be a whole number from 1 to 16,777,216, not "512"'),
+        ("num_experts_per_tok", 99, "num_experts_per_tok (99) exceeds n_routed_experts"),
+        ("n_group", 0, "n_group must be a whole number from 1 to"),
+        ("topk_group", 9, "topk_group (9) exceeds n_group"),
+        ("rope_scaling", "yarn", 'rope_scaling must be an object or null, not "yarn"'),
+        ("max_position_embeddings", 0, "max_position_embeddings must be a whole number from 1 to"),
+        ("rms_norm_eps", -1, "rms_norm_eps must be a number above 0 and below 1, not -1"),
+    ],
+)
+def test_config_values_are_checked_before_anything_is_allocated(tmp_path, field, value, message):
+    model = write_checkpoint(tmp_path, V3_MTP, dtype=torch.float32)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ConfigError, match="config.json: ") as error:
+        localv3.load(model)
+    assert message in str(error.value)
+    assert_cli_error(model, "config.json", message)
