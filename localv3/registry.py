@@ -306,9 +306,10 @@ def _is_explicit_path(spec: str) -> bool:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A model directory as given, else what `resolve_model_path` finds for the name."""
+    """A model directory (resolved: `.` is the directory's own name), else what
+    `resolve_model_path` finds for the name."""
     path = Path(model).expanduser()
-    return path if path.is_dir() else resolve_model_path(str(model))
+    return path.resolve() if path.is_dir() else resolve_model_path(str(model))
 
 
 def resolve_model_path(spec: str, offline: bool = False) -> Path:

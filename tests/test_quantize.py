@@ -152,6 +152,18 @@ def test_cli_writes_to_localv3_home(fp8_model, tmp_path, monkeypatch):
     assert isinstance(again.exception, OutputError) and "already exists" in str(again.exception)
 
 
+@pytest.mark.parametrize("spec", [".", "../fp8-tiny"])
+def test_a_relative_directory_names_its_output_after_the_directory(fp8_model, tmp_path, monkeypatch, spec):
+    """`quantize .` or `quantize ../x` writes NAME-q8 (not `-q8` or `..-q8`), which ls and rm handle."""
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(fp8_model)  # both specs name the model directory from inside it
+    result = runner.invoke(app, ["quantize", spec, "--experts", "q8", "--dense", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "home" / "models" / "fp8-tiny-q8")
+    listed = runner.invoke(app, ["ls", "--json"])
+    assert "fp8-tiny-q8" in listed.stdout
+
+
 def test_bad_input_is_one_line_and_nonzero(tmp_path):
     """Through the real entry point: the message is one line on stderr, the exit status 1."""
     env = {**os.environ, "LOCALV3_HOME": str(tmp_path)}

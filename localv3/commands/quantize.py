@@ -82,10 +82,15 @@ def quantize_command(
 
 
 def _name_of(model: str, source: Path) -> str:
-    """A directory's model name: a hub snapshot's repo name, else the directory's name."""
+    """A directory's model name: a hub snapshot's repo name, else the (resolved) directory's
+    name; refused where `ls` and `rm` could not handle it (empty, or starting with - or .)."""
     if source.parent.name == "snapshots" and source.parent.parent.name.startswith("models--"):
-        return source.parent.parent.name.split("--")[-1].lower()
-    return (source.name if Path(model).expanduser().is_dir() else model.split("/")[-1]).lower()
+        name = source.parent.parent.name.split("--")[-1].lower()
+    else:
+        name = (source.name if Path(model).expanduser().is_dir() else model.split("/")[-1]).lower()
+    if not name or name.startswith(("-", ".")):
+        raise QuantizeError(f"cannot name the output after {model!r} ({source}); choose one with --out")
+    return name
 
 
 def _revision(source: Path, entry) -> str | None:
