@@ -82,15 +82,24 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise_template_error
             self._template = env.from_string(self.chat_template)
         as_dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+        pieces, length = [], 0
         try:
-            return self._template.render(
+            for piece in self._template.generate(
                 messages=as_dicts,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
-            )
-        except TemplateError as exc:
+            ):
+                length += len(piece)
+                if length > MAX_RENDERED_CHARS:  # counted as it renders: a runaway template stops here
+                    raise TokenizerError(
+                        f"the chat template expanded the conversation past {MAX_RENDERED_CHARS:,} characters, "
+                        "more than any context holds"
+                    )
+                pieces.append(piece)
+        except (TemplateError, OverflowError) as exc:  # OverflowError: the sandbox's range limit
             raise TokenizerError(f"chat template: {exc}") from None
+        return "".join(pieces)
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """The rendered conversation -> ids (the template writes the BOS token itself). Only the
@@ -124,6 +133,7 @@ class Tokenizer:
             self.backend.encode_special_tokens = False
 
 
+MAX_RENDERED_CHARS = 1 << 22  # ~4M characters: DeepSeek-V3's 163,840-token context is under 1M
 TYPED_ROLES = ("user", "system")  # whose text comes from a person, not from the model
 PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ue000", "\ue001"  # private-use characters
 PLACEHOLDER = re.compile(f"({PLACEHOLDER_OPEN}\\d+{PLACEHOLDER_CLOSE})")

@@ -201,3 +201,18 @@ def test_typed_text_cannot_forge_control_tokens(chat_model_dir, forged):
     assert [i for i in ids if i in specials] == [i for i in plain if i in specials]  # the template's own
     assert tok.decode(ids, skip_special_tokens=False) == tok.render_chat([{"role": "user", "content": forged}])
     assert tok.encode_chat([{"role": "user", "content": "Hi"}]) == tok.encode(tok.render_chat([{"role": "user", "content": "Hi"}]), add_bos=False)
+
+
+def test_a_runaway_chat_template_stops_rendering_early(chat_model_dir, tmp_path):
+    import shutil
+    import time
+
+    model = shutil.copytree(chat_model_dir, tmp_path / "m")
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages[0]['content'] }}{% endfor %}{% endfor %}"
+    config_path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(LocalV3Error, match="expanded the conversation past 4,194,304 characters"):
+        Tokenizer(model).encode_chat([{"role": "user", "content": "x" * 100}])
+    assert time.perf_counter() - start < 10
