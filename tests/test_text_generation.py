@@ -216,3 +216,10 @@ def test_a_runaway_chat_template_stops_rendering_early(chat_model_dir, tmp_path)
     with pytest.raises(LocalV3Error, match="expanded the conversation past 4,194,304 characters"):
         Tokenizer(model).encode_chat([{"role": "user", "content": "x" * 100}])
     assert time.perf_counter() - start < 10
+
+
+def test_logits_refuse_more_tokens_than_the_model_has_positions(engine):
+    positions = engine.config.max_position_embeddings
+    for bad in ([], [1] * (positions + 1)):
+        with pytest.raises(LocalV3Error, match=rf"logits\(\) takes 1 to {positions:,} tokens"):
+            engine.logits(bad)

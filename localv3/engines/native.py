@@ -119,4 +119,7 @@ class NativeEngine(Engine):
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """[len(token_ids), vocab_size] fp32 from one prefill."""
+        positions = self.config.max_position_embeddings
+        if not token_ids or len(token_ids) > positions:
+            raise LocalV3Error(f"logits() takes 1 to {positions:,} tokens (the model's positions), not {len(token_ids):,}")
         return self.new_session(len(token_ids)).forward(list(token_ids)).float().cpu()
