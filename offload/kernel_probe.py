@@ -93,7 +93,6 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
 
 
 def _random_bank(scheme: str):
-    from localv3.formats.blocks import quantize_to
     from localv3.formats.modules import QuantExpertBank
     from localv3.formats.table import FORMATS
 
@@ -101,24 +100,29 @@ def _random_bank(scheme: str):
     gate_up_type, down_type = fmt.block_type(DIM), fmt.block_type(HIDDEN)
     per_expert = 2 * HIDDEN * gate_up_type.row_bytes(DIM) + DIM * down_type.row_bytes(HIDDEN)
     bank = QuantExpertBank(max(READ_SET_BYTES // per_expert, 1), DIM, HIDDEN, gate_up_type, down_type)
-    generator = torch.Generator().manual_seed(0)
-    for data, block_type, in_features in ((bank.gate_up.data, gate_up_type, DIM), (bank.down.data, down_type, HIDDEN)):
-        rows = quantize_to(torch.randn(TILE_ROWS, in_features, generator=generator), block_type).data  # [R, row bytes]
-        data.view(-1, TILE_ROWS, rows.shape[1]).copy_(rows)  # real blocks (random bytes hold denormal scales)
+    _fill_with_tiles(bank.gate_up)
+    _fill_with_tiles(bank.down)
     return bank
 
 
 def _random_linear(scheme: str):
     """A dense [DENSE_ROWS, DIM] matrix in `scheme`, as an attention projection or FFN is held."""
-    from localv3.formats.blocks import quantize_to
     from localv3.formats.modules import QuantLinear
     from localv3.formats.table import FORMATS
 
-    block_type = FORMATS[scheme].block_type(DIM)
-    layer = QuantLinear(DIM, DENSE_ROWS, block_type)
-    rows = quantize_to(torch.randn(TILE_ROWS, DIM, generator=torch.Generator().manual_seed(1)), block_type).data
-    layer.matrices.data.view(-1, TILE_ROWS, rows.shape[1]).copy_(rows)
+    layer = QuantLinear(DIM, DENSE_ROWS, FORMATS[scheme].block_type(DIM))
+    _fill_with_tiles(layer.matrices)
     return layer
+
+
+def _fill_with_tiles(matrices) -> None:
+    """Every matrix of a QuantMatrices: one quantised tile of TILE_ROWS random rows, repeated
+    (real blocks: random bytes would hold denormal scales, which slow the kernels)."""
+    from localv3.formats.blocks import quantize_to
+
+    rows = torch.randn(TILE_ROWS, matrices.in_features, generator=torch.Generator().manual_seed(0))
+    tile = quantize_to(rows, matrices.block_type).data  # [R, row bytes]
+    matrices.data.view(-1, TILE_ROWS, tile.shape[1]).copy_(tile)
 
 
 def _run(bank, tokens: int, top_k: int) -> None:

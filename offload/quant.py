@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localv3.formats.table import ABSORBED_SCHEME, FORMATS, QuantError, WeightFormat  # noqa: F401 (QuantError: the planner's error)
+from localv3.formats.table import ABSORBED_SCHEME, FORMATS, WeightFormat
 from localv3.formats.table import weight_format as scheme
 
 

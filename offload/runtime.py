@@ -52,7 +52,7 @@ from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
 from localv3.formats.roles import weight_role
-from localv3.formats.table import ABSORBED_BLOCK_TYPE, FORMATS, BlockType
+from localv3.formats.table import ABSORBED_SCHEME, FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
@@ -146,15 +146,16 @@ def build_model(
 
 
 def _quantise_absorbed(model: Transformer, devices: Devices) -> None:
-    """MLA's absorbed W_UK and W_UV in ABSORBED_BLOCK_TYPE where their rows take it."""
+    """MLA's absorbed W_UK and W_UV in the ABSORBED_SCHEME's block type where their rows take one."""
     for name, module in model.named_modules():
         if not isinstance(module, MLA):
             continue
         for projection in ("uk", "uv"):
             head_projection = getattr(module, projection)
-            if head_projection.shape[2] % ABSORBED_BLOCK_TYPE.block == 0:
+            block_type = FORMATS[ABSORBED_SCHEME].block_type(head_projection.shape[2])
+            if block_type is not None:
                 weight = head_projection.dense_weight(torch.float32)  # [H, out, in]
-                setattr(module, projection, QuantHeadProjection(weight, ABSORBED_BLOCK_TYPE, devices.of_param(name)))
+                setattr(module, projection, QuantHeadProjection(weight, block_type, devices.of_param(name)))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from localv3.config import ModelConfig
 from offload.hardware import Hardware, StatedHardware, hardware_from_profile
 from offload.layout import CPU, DISK, GPU
 from offload.planner import Plan, PlanError, Policy, expert_probabilities, plan
-from offload.quant import QuantError, Quantization, scheme
+from localv3.formats.table import QuantError
+from offload.quant import Quantization, scheme
 from offload.roofline import FixedCosts
 from offload.shape import ModelShape
 

@@ -37,8 +37,8 @@ class GgmlError(LocalV3Error):
     """ggml is missing or failed."""
 
 
-# ggml_type values (ggml.h)
-F32, F16, Q4_0, Q8_0, Q4_K, Q6_K, I32, BF16 = 0, 1, 2, 8, 12, 14, 26, 30
+# ggml_type values (ggml.h) of the torch tensors bound to graphs; block types: formats.table
+F32, F16, I32, BF16 = 0, 1, 26, 30
 TORCH_TYPES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16, torch.int32: I32}
 
 
@@ -85,9 +85,7 @@ _SIGNATURES = {  # name -> (library, result, arguments)
     "ggml_build_forward_expand": ("base", None, [P, P]),
     "ggml_nbytes": ("base", SIZE, [P]),
     "ggml_row_size": ("base", SIZE, [ctypes.c_int, I64]),
-    "ggml_blck_size": ("base", I64, [ctypes.c_int]),
     "ggml_quantize_chunk": ("base", SIZE, [ctypes.c_int, P, P, I64, I64, I64, P]),
-    "ggml_quantize_requires_imatrix": ("base", ctypes.c_bool, [ctypes.c_int]),
     "ggml_backend_cpu_buffer_type": ("base", P, []),
     "ggml_backend_cpu_buffer_from_ptr": ("base", P, [P, SIZE]),
     "ggml_backend_buffer_free": ("base", None, [P]),
@@ -295,6 +293,9 @@ class GraphCache:
         self.build = build
         self.size = size
         self.graphs: dict[object, object] = {}
+
+    def clear(self) -> None:
+        self.graphs.clear()
 
     def get(self, key):
         tokens = key[0] if isinstance(key, tuple) else key

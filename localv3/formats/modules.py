@@ -96,7 +96,7 @@ class _GraphModule(nn.Module):
         """Run the graph for `key` (built over `weights`) on `inputs`: its output buffer, which
         the next call with the same key overwrites."""
         if self._built_for != weights.data_ptr():
-            self._graphs.graphs.clear()
+            self._graphs.clear()
             self._built_for = weights.data_ptr()
         staged = self._graphs.get(key)
         for name, value in inputs.items():
@@ -143,9 +143,6 @@ class QuantLinear(_GraphModule):
         product = graph.mul_mat(self.matrices.ggml_tensor(graph, 0), graph.tensor_from(x))  # [out, T]
         graph.finish([(product, out)])
         return _Staged(graph, {"x": x}, out)
-
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.matrices.dense(0, dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.matrices.block_type.name}"

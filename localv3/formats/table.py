@@ -95,8 +95,7 @@ class WeightFormat:
 
 
 # MLA's absorbed per-head W_UK [C, nope] and W_UV [v, C] whenever the dense scheme is quantised:
-# Q8_0 (rows of nope = 128 are too short for Q4_K; the attention's precision is worth 8 bits).
-ABSORBED_BLOCK_TYPE = Q8_0
+# q8, i.e. Q8_0 (rows of nope = 128 are too short for Q4_K; the attention's precision is worth 8 bits).
 ABSORBED_SCHEME = "q8"
 
 FORMATS: dict[str, WeightFormat] = {
