@@ -164,10 +164,15 @@ def test_quant_head_projection_matches_per_head_formula(kernel, seed, tokens):
     assert rel_err(projection(x), expected) < tolerance(kernel)
 
 
-def test_only_small_token_graphs_stay_cached():
-    """Decode-sized graphs are kept; a prefill chunk's graph (and its intermediates) is not."""
+def test_graphs_stay_cached_within_the_shared_budget(monkeypatch):
+    """Decode-sized graphs are kept; one that would take the cached graphs past the budget (a
+    big prefill chunk's intermediates) is built for its call and dropped."""
+    monkeypatch.setattr(ggml, "BUDGET", ggml._Budget(limit=256 * 1024))
     fmt = FORMATS["q8"]
     layer = QuantLinear.from_weight(quantize_weight(random_weight(0, 32, 64), fmt))
-    for tokens in (1, 2, ggml.KEPT_TOKENS + 1, 1):
+    for tokens in (1, 2, 4096, 1):
         layer(torch.randn(tokens, 64))
     assert sorted(layer._graphs.graphs) == [1, 2]
+    assert ggml.BUDGET.used == sum(staged.graph.held_bytes for staged in layer._graphs.graphs.values()) > 0
+    layer._graphs.clear()
+    assert ggml.BUDGET.used == 0

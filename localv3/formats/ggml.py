@@ -93,6 +93,7 @@ _SIGNATURES = {  # name -> (library, result, arguments)
     "ggml_gallocr_new": ("base", P, [P]),
     "ggml_gallocr_free": ("base", None, [P]),
     "ggml_gallocr_alloc_graph": ("base", ctypes.c_bool, [P, P]),
+    "ggml_gallocr_get_buffer_size": ("base", SIZE, [P, ctypes.c_int]),
     "ggml_threadpool_params_default": ("base", _ThreadpoolParams, [ctypes.c_int]),
     "ggml_cpu_init": ("cpu", None, []),
     "ggml_threadpool_new": ("cpu", P, [ctypes.POINTER(_ThreadpoolParams)]),
@@ -202,6 +203,7 @@ class Graph:
         self._graph = None
         self._plan: _CPlan | None = None
         self._work: torch.Tensor | None = None
+        self.held_bytes = 0  # intermediates and bound outputs: what keeping the graph costs
 
     # tensors
     def new_tensor(self, ggml_type: int, *ne: int) -> int:
@@ -253,6 +255,7 @@ class Graph:
         self._allocator = self.lib.ggml_gallocr_new(self.lib.ggml_backend_cpu_buffer_type())
         if not self.lib.ggml_gallocr_alloc_graph(self._allocator, self._graph):
             raise GgmlError("ggml could not allocate the graph's intermediate tensors")
+        self.held_bytes = self.lib.ggml_gallocr_get_buffer_size(self._allocator, 0) + sum(m.nbytes for _, m in outputs)
 
     def compute(self, threads: int | None = None) -> None:
         threads = threads or compute_threads()
@@ -279,35 +282,59 @@ class Graph:
             lib_.ggml_free(self.ctx)
 
 
-KEPT_TOKENS = 16  # graphs for at most this many tokens are kept; larger ones are built per call
+class _Budget:
+    """Bytes held by cached graphs, all modules together."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+
+# A prefill chunk's graph holds its intermediates and output (~340 MB for a DeepSeek-V3 expert
+# layer at 512 tokens): kept for every layer of a big model they would add up to tens of GB,
+# while rebuilding one per call costs fresh memory and page faults (prefill of 64 tokens on the
+# V3-width slice: 44.9 tok/s cached vs 38.7 rebuilt). So graphs are kept while all of them
+# together hold at most this much; beyond it, a graph is built for its call and dropped.
+BUDGET = _Budget(limit=1 << 30)
 
 
 class GraphCache:
-    """Graphs of one module keyed by token count (or (tokens, k)), built on first use. Small
-    ones are kept (decode is 1 token, MTP verification 2-4): a handful per module. A prefill
-    chunk's graph holds its intermediates (~220 MB for a DeepSeek-V3 expert layer at 512
-    tokens), so those are built for the call and dropped: kept for every layer they would add
-    up to gigabytes, while building one costs well under a millisecond against its compute."""
+    """Built graphs of one module keyed by token count (or (tokens, k)), built on first use and
+    kept, a handful per module, within the shared BUDGET (decode graphs are a few KB)."""
 
-    def __init__(self, build: Callable[[object], object], size: int = 8):
+    def __init__(self, build: Callable[[object], object], held_bytes: Callable[[object], int], size: int = 8):
         self.build = build
+        self.held_bytes = held_bytes
         self.size = size
         self.graphs: dict[object, object] = {}
+        self._bytes: dict[object, int] = {}
+        self.budget = BUDGET
 
     def clear(self) -> None:
-        self.graphs.clear()
+        for key in list(self.graphs):
+            self._drop(key)
 
     def get(self, key):
-        tokens = key[0] if isinstance(key, tuple) else key
-        if tokens > KEPT_TOKENS:
-            return self.build(key)
-        graph = self.graphs.pop(key, None)
-        if graph is None:
-            graph = self.build(key)
-            if len(self.graphs) >= self.size:
-                self.graphs.pop(next(iter(self.graphs)))
-        self.graphs[key] = graph  # most recent last
-        return graph
+        if key in self.graphs:
+            self.graphs[key] = self.graphs.pop(key)  # most recent last
+            return self.graphs[key]
+        entry = self.build(key)
+        nbytes = self.held_bytes(entry)
+        if self.budget.used + nbytes > self.budget.limit:
+            return entry  # for this call only
+        if len(self.graphs) >= self.size:
+            self._drop(next(iter(self.graphs)))
+        self.graphs[key], self._bytes[key] = entry, nbytes
+        self.budget.used += nbytes
+        return entry
+
+    def _drop(self, key) -> None:
+        del self.graphs[key]
+        self.budget.used -= self._bytes.pop(key)
+
+    def __del__(self):
+        if hasattr(self, "budget"):
+            self.budget.used -= sum(self._bytes.values())
 
 
 # ----- quantisation through ggml ----------------------------------------------------------------

@@ -89,7 +89,7 @@ class _GraphModule(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._graphs = ggml.GraphCache(self._build)
+        self._graphs = ggml.GraphCache(self._build, lambda staged: staged.graph.held_bytes)
         self._built_for: int | None = None  # data pointer the cached graphs were built over
 
     def _compute(self, key, weights: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
