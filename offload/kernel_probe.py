@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 DIM, HIDDEN = 7168, 2048  # a DeepSeek-V3 routed expert
 READ_SET_BYTES = 192 * 2**20  # weights streamed per one-token product: beyond the caches
 PREFILL_TOKENS = 64
@@ -74,6 +72,8 @@ def assumed_kernels(cpu_flops: float) -> CpuKernels:
 
 def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), repeats: int = 3) -> CpuKernels:
     """Measures this machine (a few seconds); `cpu_bw` is the read-bandwidth probe's figure."""
+    import torch
+
     from localv3.formats import ggml
 
     if not ggml.available():
@@ -118,6 +118,8 @@ def _random_linear(scheme: str):
 def _fill_with_tiles(matrices) -> None:
     """Every matrix of a QuantMatrices: one quantised tile of TILE_ROWS random rows, repeated
     (real blocks: random bytes would hold denormal scales, which slow the kernels)."""
+    import torch
+
     from localv3.formats.blocks import quantize_to
 
     rows = torch.randn(TILE_ROWS, matrices.in_features, generator=torch.Generator().manual_seed(0))
@@ -128,17 +130,23 @@ def _fill_with_tiles(matrices) -> None:
 def _run(bank, tokens: int, top_k: int) -> None:
     """Token t picks experts t, t + 1, ... (mod the bank): the whole set streams at one token,
     and a prefill chunk spreads its rows evenly over the experts."""
+    import torch
+
     n_experts = bank.gate_up.data.shape[0]
     indices = (torch.arange(tokens)[:, None] + torch.arange(top_k)[None, :]) % n_experts  # [T, k]
     bank(torch.randn(tokens, DIM), indices, torch.ones(tokens, top_k))
 
 
 def _op_seconds(count: int = 2000) -> float:
+    import torch
+
     a, b = torch.ones(64), torch.ones(64)
     return best_time(lambda: [torch.add(a, b) for _ in range(count)], 3) / count
 
 
 def _graph_seconds(count: int = 200) -> float:
+    import torch
+
     from localv3.formats.blocks import quantize_weight
     from localv3.formats.modules import QuantLinear
     from localv3.formats.table import FORMATS
