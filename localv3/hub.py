@@ -22,11 +22,13 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import (
@@ -53,12 +55,20 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_ob
 
 from localv3.errors import LocalV3Error, ModelNotFoundError
 
+T = TypeVar("T")
+
 PARTIAL_SUFFIX = ".localv3-partial"
 MANIFEST_NAME = "localv3_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 # After an attempt that saved no new bytes, wait this long and try again; when the delays
 # are used up the pull stops (the next run resumes). An attempt that saved bytes resets them.
 STALLED_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
+# A metadata request (repo listing, file HEAD) that fails to connect or times out is tried again
+# after each of these delays, then the pull stops with one line.
+REQUEST_RETRY_DELAYS_S = (1.0, 3.0)
+# A request still unanswered after this long shows "connecting to ..." on stderr.
+SLOW_REQUEST_NOTICE_S = 1.0
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
 _TRUE_VALUES = {"1", "on", "yes", "true"}
 
 
@@ -82,6 +92,10 @@ class HubSettings:
     endpoint: str
     cache_dir: Path
     offline: bool
+    # seconds to connect, and between bytes once connected (HF_HUB_ETAG_TIMEOUT for metadata,
+    # HF_HUB_DOWNLOAD_TIMEOUT for file bodies)
+    metadata_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    download_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     @classmethod
     def current(cls, offline: bool = False) -> "HubSettings":
@@ -97,7 +111,23 @@ class HubSettings:
             endpoint=endpoint.rstrip("/"),
             cache_dir=cache_dir.expanduser(),
             offline=offline or env_offline or constants.is_offline_mode(),
+            metadata_timeout_s=_positive_seconds("HF_HUB_ETAG_TIMEOUT"),
+            download_timeout_s=_positive_seconds("HF_HUB_DOWNLOAD_TIMEOUT"),
         )
+
+
+def _positive_seconds(variable: str) -> float:
+    """A timeout from the environment; the default when unset, refused when not a positive number."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return DEFAULT_REQUEST_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 86_400:  # NaN fails too
+        raise HubAccessError(f"{variable}={text!r} is not a timeout in seconds (a number above 0)")
+    return seconds
 
 
 def format_bytes(count: int) -> str:
@@ -157,6 +187,60 @@ def _hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
         ) from None
 
 
+_RETRYABLE_STATUS = (429, 500, 502, 503, 504)
+
+
+def _is_transient(exc: Exception) -> bool:
+    """A failure worth another try: no connection, a timeout, or a busy server."""
+    if isinstance(exc, httpx2.TransportError):
+        return True
+    response = getattr(exc, "response", None)
+    return isinstance(exc, HfHubHTTPError) and getattr(response, "status_code", None) in _RETRYABLE_STATUS
+
+
+@contextlib.contextmanager
+def _notice_if_slow(progress: "PullProgress", message: str) -> Iterator[None]:
+    """Tell the user what we wait for when a request is not answered within a second."""
+    timer = threading.Timer(SLOW_REQUEST_NOTICE_S, progress.waiting, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _ask_hub(call: Callable[[], T], *, what: str, endpoint: str, timeout_s: float, progress: "PullProgress") -> T:
+    """`call()`, tried again after each of REQUEST_RETRY_DELAYS_S when it fails transiently;
+    one line naming the endpoint and the last failure when every try failed."""
+    for attempt in range(len(REQUEST_RETRY_DELAYS_S) + 1):
+        try:
+            with _notice_if_slow(progress, f"connecting to {endpoint} ({what}) ..."):
+                return call()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            problem = _describe_failure(exc, timeout_s)
+            if attempt == len(REQUEST_RETRY_DELAYS_S):
+                raise HubAccessError(
+                    f"cannot reach {endpoint}: {what} failed {attempt + 1} times, last: {problem}; "
+                    "check HF_ENDPOINT and the network, or use --offline for the local cache"
+                ) from None
+            delay = REQUEST_RETRY_DELAYS_S[attempt]
+            progress.waiting(f"{what}: {problem}; trying again in {delay:g} s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _describe_failure(exc: Exception, timeout_s: float) -> str:
+    if isinstance(exc, httpx2.TimeoutException):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, httpx2.TransportError):
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status}" if status is not None else str(exc).splitlines()[0]
+
+
 # ----- the plan (dry run) -------------------------------------------------------------------
 
 
@@ -186,6 +270,8 @@ class PullPlan:
     cache_dir: Path
     files: tuple[PlannedFile, ...]  # config/tokenizer files first, then weights
     free_bytes: int
+    metadata_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    download_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     @property
     def total_bytes(self) -> int:
@@ -208,11 +294,19 @@ class PullPlan:
         return _repo_storage(self.cache_dir, self.repo_id)
 
 
-def plan_pull(request: PullRequest, settings: HubSettings) -> PullPlan:
+def plan_pull(request: PullRequest, settings: HubSettings, progress: PullProgress | None = None) -> PullPlan:
     """List the repo's files with sizes and compare them with the cache. No file is fetched."""
     api = HfApi(endpoint=settings.endpoint)
     with _hub_errors(request.repo_id, request.revision, settings.endpoint):
-        info = api.model_info(request.repo_id, revision=request.revision, files_metadata=True)
+        info = _ask_hub(
+            lambda: api.model_info(
+                request.repo_id, revision=request.revision, files_metadata=True, timeout=settings.metadata_timeout_s
+            ),
+            what=f"listing {request.repo_id}",
+            endpoint=settings.endpoint,
+            timeout_s=settings.metadata_timeout_s,
+            progress=progress or QuietProgress(),
+        )
     siblings = list(
         filter_repo_objects(
             info.siblings or [],
@@ -251,6 +345,8 @@ def plan_pull(request: PullRequest, settings: HubSettings) -> PullPlan:
         cache_dir=settings.cache_dir,
         files=tuple(files),
         free_bytes=free_disk_bytes(settings.cache_dir),
+        metadata_timeout_s=settings.metadata_timeout_s,
+        download_timeout_s=settings.download_timeout_s,
     )
 
 
@@ -272,12 +368,18 @@ class PullProgress(Protocol):
     def advanced(self, nbytes: int) -> None:
         """`nbytes` more bytes were saved (negative when a server ignored a Range request)."""
 
+    def waiting(self, message: str) -> None:
+        """A request is slow or is being tried again (called from a timer thread too)."""
+
 
 class QuietProgress:
     def planned(self, plan: PullPlan) -> None:
         pass
 
     def advanced(self, nbytes: int) -> None:
+        pass
+
+    def waiting(self, message: str) -> None:
         pass
 
 
@@ -301,7 +403,7 @@ def pull(request: PullRequest, progress: PullProgress | None = None) -> PullResu
     settings = HubSettings.current(offline=request.offline)
     if settings.offline:
         return _pull_from_cache(request, settings)
-    plan = plan_pull(request, settings)
+    plan = plan_pull(request, settings, progress)
     progress.planned(plan)
     check_disk_space(plan)
     return fetch(plan, progress)
@@ -336,7 +438,13 @@ def _fetch_file(plan: PullPlan, planned: PlannedFile, progress: PullProgress) ->
     snapshot. Returns the bytes transferred."""
     url = hf_hub_url(plan.repo_id, planned.path, revision=plan.commit, endpoint=plan.endpoint)
     with _hub_errors(plan.repo_id, plan.revision, plan.endpoint):
-        metadata = get_hf_file_metadata(url, endpoint=plan.endpoint)
+        metadata = _ask_hub(
+            lambda: get_hf_file_metadata(url, timeout=plan.metadata_timeout_s, endpoint=plan.endpoint),
+            what=f"looking up {planned.path}",
+            endpoint=plan.endpoint,
+            timeout_s=plan.metadata_timeout_s,
+            progress=progress,
+        )
     if not metadata.etag:
         raise HubAccessError(f"{plan.endpoint} sent no ETag for {planned.path}: is HF_ENDPOINT a Hugging Face hub?")
     blob = plan.storage_dir / "blobs" / metadata.etag
@@ -351,14 +459,26 @@ def _fetch_file(plan: PullPlan, planned: PlannedFile, progress: PullProgress) ->
             size=metadata.size if metadata.size is not None else planned.size,
             label=f"{plan.repo_id}/{planned.path}",
             progress=progress,
+            timeout_s=plan.download_timeout_s,
         )
         lock = plan.cache_dir / ".locks" / plan.storage_dir.name / f"{metadata.etag}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
             transferred = download.run()
     with _hub_errors(plan.repo_id, plan.revision, plan.endpoint):
-        hf_hub_download(
-            plan.repo_id, planned.path, revision=plan.commit, cache_dir=plan.cache_dir, endpoint=plan.endpoint
+        _ask_hub(
+            lambda: hf_hub_download(
+                plan.repo_id,
+                planned.path,
+                revision=plan.commit,
+                cache_dir=plan.cache_dir,
+                endpoint=plan.endpoint,
+                etag_timeout=plan.metadata_timeout_s,
+            ),
+            what=f"linking {planned.path}",
+            endpoint=plan.endpoint,
+            timeout_s=plan.metadata_timeout_s,
+            progress=progress,
         )
     return transferred
 
@@ -388,6 +508,7 @@ class _ResumableDownload:
     size: int
     label: str
     progress: PullProgress
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # to connect, and between bytes
     received: int = 0  # bytes transferred by this run
 
     @property
@@ -452,10 +573,14 @@ class _ResumableDownload:
         if offset:
             headers["Range"] = f"bytes={offset}-"
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        with get_session().stream(
-            "GET", self.url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True
-        ) as response:
-            if response.status_code in (429, 500, 502, 503, 504):
+        with contextlib.ExitStack() as open_stream:
+            with _notice_if_slow(self.progress, f"connecting to {urlsplit(self.url).netloc} for {self.label} ..."):
+                response = open_stream.enter_context(
+                    get_session().stream(
+                        "GET", self.url, headers=headers, timeout=self.timeout_s, follow_redirects=True
+                    )
+                )
+            if response.status_code in _RETRYABLE_STATUS:
                 raise _ServerBusy(f"HTTP {response.status_code}")
             if response.status_code >= 400:
                 raise DownloadError(f"download of {self.label} refused: HTTP {response.status_code}")

@@ -16,7 +16,9 @@ import json
 import re
 import subprocess
 import sys
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,6 +58,7 @@ def _repo_files() -> dict[str, bytes]:
 
 
 LFS_SUFFIX = ".safetensors"
+STALL_S = 3.0
 
 
 @dataclass
@@ -72,6 +75,9 @@ class FakeHub:
     files: dict[str, bytes] = field(default_factory=_repo_files)
     log: list[Served] = field(default_factory=list)
     cut_at: dict[str, int] = field(default_factory=dict)  # file -> absolute offset where GETs stop
+    # file -> offset where the next GET goes silent (connection open, no bytes) for STALL_S
+    stall_once_at: dict[str, int] = field(default_factory=dict)
+    busy_listings: int = 0  # the next model-info requests answered 503
     ignore_range: bool = False
     hub_url: str = ""
     cdn_url: str = ""
@@ -147,6 +153,10 @@ def _handler(fake: FakeHub, role: str):
 
         def _model_info(self, repo: str, revision: str) -> None:
             self._record(f"api:{repo}", None, 0)
+            with fake.lock:
+                busy, fake.busy_listings = fake.busy_listings > 0, max(0, fake.busy_listings - 1)
+            if busy:
+                return self._error(503, "ServiceUnavailable")
             if repo == "acme/gated" and self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._error(401, "GatedRepo")
             if repo != REPO:
@@ -194,10 +204,15 @@ def _handler(fake: FakeHub, role: str):
             if head:
                 return self._record(name, range_header, 0)
             end = min(len(data), fake.cut_at.get(name, len(data)))
+            stall_at = fake.stall_once_at.pop(name, None)
+            if stall_at is not None:
+                end = stall_at
             body = data[start:end] if end > start else b""
             self.wfile.write(body)
             self.wfile.flush()
             self._record(name, range_header, len(body))
+            if stall_at is not None:
+                time.sleep(STALL_S)  # silent but connected: only a read timeout ends the wait
             if end < len(data):
                 self.close_connection = True  # the client sees a body shorter than Content-Length
 
@@ -359,6 +374,97 @@ def test_a_server_that_ignores_range_restarts_the_file(fake_hub, tmp_path):
     assert run("pull", "fake-moe").exit_code == 0
     snapshot = storage_dir(tmp_path) / "snapshots" / COMMIT
     assert (snapshot / shard).read_bytes() == fake_hub.files[shard]
+
+
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    """A server that accepts connections and never answers; yields its URL and the accepted count."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # closed at teardown
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    listener.close()
+    for connection in accepted:
+        connection.close()
+
+
+@pytest.mark.parametrize("timeout_s", ["0.3", "0.6"])
+def test_a_hub_that_never_answers_times_out_retries_then_says_so(fake_hub, silent_endpoint, monkeypatch, timeout_s):
+    url, accepted = silent_endpoint
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", timeout_s)
+    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr(hub, "SLOW_REQUEST_NOTICE_S", 0.1)
+    result = run("pull", "acme/anything")
+    assert isinstance(result.exception, hub.HubAccessError)
+    assert str(result.exception) == (
+        f"cannot reach {url}: listing acme/anything failed 3 times, last: no answer within {timeout_s} s; "
+        "check HF_ENDPOINT and the network, or use --offline for the local cache"
+    )
+    assert len(accepted) == 3
+    assert result.stderr.count(f"connecting to {url} (listing acme/anything) ...") == 3
+    assert result.stderr.count("trying again in 0 s") == 2
+
+
+def test_a_refused_connection_is_retried_then_one_line(fake_hub, monkeypatch):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there now
+    monkeypatch.setenv("HF_ENDPOINT", closed_url)
+    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0,))
+    result = run("pull", "acme/anything")
+    assert isinstance(result.exception, hub.HubAccessError)
+    assert str(result.exception).startswith(f"cannot reach {closed_url}: listing acme/anything failed 2 times, last: ConnectError")
+
+
+@pytest.mark.parametrize("busy", [1, 2])
+def test_a_busy_hub_is_asked_again_and_the_pull_completes(fake_hub, tmp_path, monkeypatch, busy):
+    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    fake_hub.busy_listings = busy
+    result = run("pull", "fake-moe")
+    assert result.exit_code == 0, result.output
+    assert len([e for e in fake_hub.log if e.path == f"api:{REPO}"]) == busy + 1
+    assert result.stderr.count("HTTP 503; trying again in 0 s") == busy
+
+
+def test_a_busy_hub_that_stays_busy_is_one_line(fake_hub, monkeypatch):
+    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    fake_hub.busy_listings = 3
+    result = run("pull", "fake-moe")
+    assert isinstance(result.exception, hub.HubAccessError)
+    assert f"listing {REPO} failed 3 times, last: HTTP 503" in str(result.exception)
+
+
+@pytest.mark.parametrize("offset", [0, 5000])
+def test_a_transfer_that_goes_silent_times_out_and_resumes(fake_hub, tmp_path, monkeypatch, offset):
+    shard = "model-00001-of-00002.safetensors"
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "0.5")
+    fake_hub.stall_once_at[shard] = offset
+    result = run("pull", "fake-moe")
+    assert result.exit_code == 0, result.output
+    snapshot = storage_dir(tmp_path) / "snapshots" / COMMIT
+    assert (snapshot / shard).read_bytes() == fake_hub.files[shard]
+    ranges = [e.range for e in fake_hub.gets(shard)]
+    assert ranges == [None, f"bytes={offset}-" if offset else None]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_bad_timeout_variable_is_one_line(fake_hub, monkeypatch, value):
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", value)
+    result = run("pull", "fake-moe")
+    assert isinstance(result.exception, hub.HubAccessError)
+    assert str(result.exception) == f"HF_HUB_ETAG_TIMEOUT={value!r} is not a timeout in seconds (a number above 0)"
 
 
 def test_missing_or_gated_repo_is_a_clear_error(fake_hub, monkeypatch):

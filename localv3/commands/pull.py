@@ -110,6 +110,12 @@ class _TerminalProgress:
             f"to download {size(plan.bytes_to_fetch)}, free {size(plan.free_bytes)}"
         )
 
+    def waiting(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(message)  # above the live bar, not through it
+        else:
+            _say(message)
+
     def advanced(self, nbytes: int) -> None:
         if self.bar is None:
             self.bar = Progress(
