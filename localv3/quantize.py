@@ -14,12 +14,15 @@ stored precision, FP8 as bf16. The
 MTP layer's copies of embed_tokens and lm_head are not written (the model uses the main ones).
 
 Output is atomic: written to `.NAME.partial-PID` beside the target and renamed when complete;
-any failure or Ctrl-C removes it.
+any failure or Ctrl-C removes it. One quantize at a time writes a target: `.NAME.lock` beside it
+is held (flock) from the check that the target is free to the rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -288,21 +291,64 @@ def prepare_output(target: Path, needed_bytes: int) -> Path:
     return work
 
 
+@contextlib.contextmanager
+def exclusive_target(target: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `target` for the block; a second writer of the same target is
+    refused at once rather than losing the race at the final rename."""
+    lock_path = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(
+                    f"another quantize is writing {target}; wait for it to finish or choose another --out"
+                ) from None
+            if lock_path.exists() and lock_path.stat().st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder before us removed this file as we opened it: take the new one
+    except OSError as exc:
+        raise OutputError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # still held: nobody else can be past the flock on this inode
+        os.close(fd)
+
+
 def atomic_output(target: Path, needed_bytes: int, build: Callable[[Path], Path]) -> None:
     """build(work_dir) writes the output in a fresh work directory beside `target` and returns
     what becomes `target` (the directory itself, or a file in it), renamed into place; any
     failure or Ctrl-C removes the work directory, so nothing half-written ever looks finished."""
-    work = prepare_output(target, needed_bytes)
+    with exclusive_target(target):
+        work = prepare_output(target, needed_bytes)
+        try:
+            result = build(work)
+            _rename_unless_taken(result, target)
+        except BaseException as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise NotEnoughDiskError(f"disk full while writing {target}: the partial output was removed") from None
+            raise
+        if result != work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _rename_unless_taken(result: Path, target: Path) -> None:
+    """Move the finished output into place; something created at `target` meanwhile (not by a
+    quantize: those wait on the lock) is left alone and this output dropped."""
+    taken = OutputError(f"{target} was created by something else while this quantize ran; the new output was dropped")
+    if target.exists():
+        raise taken
     try:
-        result = build(work)
         result.rename(target)
-    except BaseException as exc:
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise NotEnoughDiskError(f"disk full while writing {target}: the partial output was removed") from None
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+            raise taken from None
         raise
-    if result != work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def open_source(source_dir: Path) -> tuple[ModelConfig, CheckpointReader]:

@@ -23,7 +23,15 @@ from localv3.checkpoint import CheckpointReader
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import CheckpointError, ModelNotFoundError
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantLinear
-from localv3.quantize import NotEnoughDiskError, OutputError, Progress, QuantizeError, QuantizeSettings, quantize_checkpoint
+from localv3.quantize import (
+    NotEnoughDiskError,
+    OutputError,
+    Progress,
+    QuantizeError,
+    QuantizeSettings,
+    exclusive_target,
+    quantize_checkpoint,
+)
 from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
 from offload.quant import scheme
@@ -308,11 +316,45 @@ def test_ctrl_c_term_and_kill_leave_no_finished_looking_output(tmp_path):
             assert "Traceback" not in stderr
             assert process.returncode == (130 if sig == signal.SIGINT else 143)
             assert list(target.parent.iterdir()) == []
-        else:  # killed: the work directory stays, hidden (`localv3 ls` skips dot names)
-            assert [p.name for p in target.parent.iterdir()] == [f".many-q4.partial-{process.pid}"]
+        else:  # killed: the work directory and the (released) lock file stay, hidden (`localv3 ls` skips dot names)
+            assert sorted(p.name for p in target.parent.iterdir()) == [".many-q4.lock", f".many-q4.partial-{process.pid}"]
     # the next run removes the dead run's work directory and finishes
     subprocess.run(quantize_command(source, target), cwd=REPO, env=SUBPROCESS_ENV, check=True, capture_output=True)
     assert [p.name for p in target.parent.iterdir()] == ["many-q4"]
+
+
+def test_a_quantize_to_a_target_another_one_is_writing_is_refused_at_once(fp8_model, tmp_path):
+    target = tmp_path / "out"
+    with exclusive_target(target):  # another writer holds it
+        error = _quantize_error(fp8_model, "--out", target)
+        assert isinstance(error, OutputError)
+        assert str(error) == f"another quantize is writing {target}; wait for it to finish or choose another --out"
+        assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]  # nothing of the refused run
+    assert list(tmp_path.iterdir()) == []
+    with exclusive_target(target):  # released: the next writer takes it
+        pass
+
+
+def test_two_quantizes_racing_for_one_out_leave_one_output_and_one_clear_line(tmp_path):
+    with one_thread():
+        source = write_checkpoint(tmp_path / "src", MANY_TENSORS, fp8=True, shards=2)
+    target = tmp_path / "out" / "many-q4"
+    processes = [
+        subprocess.Popen(
+            quantize_command(source, target), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=300), p.communicate()[1]) for p in processes)
+    assert [code for code, _ in results] == [0, 1]
+    loser = results[1][1].strip().splitlines()
+    assert len(loser) == 1
+    assert loser[0] in (
+        f"error: another quantize is writing {target}; wait for it to finish or choose another --out",
+        f"error: {target} already exists; remove it (`localv3 rm`) or choose another --out",
+    )
+    assert [p.name for p in target.parent.iterdir()] == ["many-q4"]
+    assert (target / MANIFEST_NAME).is_file()
 
 
 class HalfStartedDisplay:
