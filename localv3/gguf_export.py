@@ -28,6 +28,7 @@ from localv3.checkpoint import SCALE_SUFFIX, CheckpointReader
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError
 from localv3.quantize import ConversionSummary, Progress, QuantizeError, atomic_output, iter_rows, open_source
+from localv3.tokenizer import read_tokenizer_settings
 
 ARCH = "deepseek2"
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m")
@@ -191,24 +192,21 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict:
             raise QuantizeError(f"{path}: token id {i} ({token!r}) is beyond the model's vocab_size {vocab_size}")
         tokens[i], types[i] = token, kind
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    config_path = model_dir / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    settings = read_tokenizer_settings(model_dir)
     ids = {token: i for token, i, _ in entries}
 
-    def special_id(key: str) -> int | None:
-        value = tok_config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        return ids.get(value) if value else None
+    def special_id(token: str | None) -> int | None:
+        return ids.get(token) if token else None
 
     return {
         "tokens": tokens,
         "types": [int(t) for t in types],
         "merges": merges,
         "pre": pre_tokenizer_name(data),
-        "bos": special_id("bos_token"),
-        "eos": special_id("eos_token"),
-        "add_bos": bool(tok_config.get("add_bos_token", False)),
-        "chat_template": tok_config.get("chat_template"),
+        "bos": special_id(settings.bos_token),
+        "eos": special_id(settings.eos_token),
+        "add_bos": settings.add_bos_token,
+        "chat_template": settings.chat_template,
     }
 
 

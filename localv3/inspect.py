@@ -10,6 +10,7 @@ from localv3.checkpoint import CheckpointReader
 from localv3.config import ModelConfig
 from localv3.loader import expected_tensors, has_mtp_weights, skeleton, validate_checkpoint
 from localv3.quantized import quantized_expectations, read_manifest
+from localv3.tokenizer import validate_tokenizer_files
 
 
 @dataclass
@@ -34,13 +35,15 @@ class ModelSummary:
 
 def summarize(model_dir: Path) -> ModelSummary:
     """Read config.json and every safetensors header, validate names and shapes (a localv3
-    checkpoint's quantised weights as their blocks); read no weights."""
+    checkpoint's quantised weights as their blocks) and the tokenizer settings and chat
+    templates; read no weights."""
     config = ModelConfig.from_file(model_dir)
     reader = CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
     with_mtp = has_mtp_weights(config, reader)
     expected = expected_tensors(config, skeleton(config, with_mtp))  # parameter shapes, as in the HF checkpoint
     manifest = read_manifest(model_dir)
     validate_checkpoint(reader, quantized_expectations(expected, manifest) if manifest else expected)
+    validate_tokenizer_files(model_dir)
     total = routed = 0
     for tensor_name, (_, shape) in expected.items():
         n = 1

@@ -305,11 +305,24 @@ def _is_explicit_path(spec: str) -> bool:
     return spec.startswith((".", "~", os.sep)) or os.sep in spec
 
 
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but False for a name the file system cannot hold (too long, a NUL byte)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _shown(spec: str) -> str:
+    """`spec` quoted for a message, shortened when someone pasted a page into it."""
+    return repr(spec) if len(spec) <= 80 else f"{spec[:60]!r}... ({len(spec):,} characters)"
+
+
 def resolve_model_dir(model: str | Path) -> Path:
     """A model directory (resolved: `.` is the directory's own name), else what
     `resolve_model_path` finds for the name."""
     path = Path(model).expanduser()
-    return path.resolve() if path.is_dir() else resolve_model_path(str(model))
+    return path.resolve() if _is_dir(path) else resolve_model_path(str(model))
 
 
 def resolve_model_path(spec: str, offline: bool = False) -> Path:
@@ -323,15 +336,15 @@ def resolve_model_path(spec: str, offline: bool = False) -> Path:
     `offline` only shapes the hint: resolution never touches the network.
     """
     local = Path(spec).expanduser()
-    if _is_explicit_path(spec) and local.is_dir():
+    if _is_explicit_path(spec) and _is_dir(local):
         return local.resolve()
     quantized_output = outputs_dir() / spec
-    if "/" not in spec and quantized_output.is_dir():
+    if "/" not in spec and _is_dir(quantized_output):
         return quantized_output
     entry = find_model(spec)
     if entry is not None:
         return _entry_path(entry, offline)
-    if local.is_dir():
+    if _is_dir(local):
         return local.resolve()
     if REPO_ID_PATTERN.fullmatch(spec):
         snapshot = hub.cached_snapshot(spec)
@@ -340,7 +353,7 @@ def resolve_model_path(spec: str, offline: bool = False) -> Path:
             return snapshot
         raise ModelNotFoundError(f"{spec} is not downloaded; {_pull_hint(spec, offline)}")
     raise ModelNotFoundError(
-        f"unknown model {spec!r}: not a models.toml name, a directory, or a hub repo id (owner/name); "
+        f"unknown model {_shown(spec)}: not a models.toml name, a directory, or a hub repo id (owner/name); "
         "`localv3 ls` lists downloaded models"
     )
 

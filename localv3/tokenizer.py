@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2.exceptions import TemplateError
+from jinja2 import Template
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -23,11 +24,73 @@ class TokenizerError(LocalV3Error):
     pass
 
 
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config.json stores special tokens as strings or {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What localv3 reads from tokenizer_config.json, checked."""
+
+    chat_templates: dict[str, str]  # name -> template; "default" is the one chat uses
+    bos_token: str | None
+    eos_token: str | None
+    add_bos_token: bool
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.chat_templates.get("default")
+
+
+def read_tokenizer_settings(model_dir: Path) -> TokenizerSettings:
+    """tokenizer_config.json of `model_dir` (none: no template, no BOS/EOS), every field we use
+    checked, with the file and the field named in the error."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return TokenizerSettings({}, None, None, False)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    add_bos = config.get("add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise TokenizerError(f"{path}: add_bos_token must be true or false, not {add_bos!r}")
+    return TokenizerSettings(
+        chat_templates=_chat_templates(path, config.get("chat_template")),
+        bos_token=_token_text(path, "bos_token", config.get("bos_token")),
+        eos_token=_token_text(path, "eos_token", config.get("eos_token")),
+        add_bos_token=add_bos,
+    )
+
+
+def _chat_templates(path: Path, value: Any) -> dict[str, str]:
+    """`chat_template` is one template, or a list of {"name", "template"} (named templates,
+    as Hugging Face stores a default template beside e.g. a tool_use one)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    named = value if isinstance(value, list) else None
+    if named is not None and all(
+        isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)
+        for item in named
+    ):
+        templates = {item["name"]: item["template"] for item in named}
+        if "default" not in templates:
+            raise TokenizerError(f"{path}: chat_template lists {sorted(templates)} but no template named 'default'")
+        return templates
+    raise TokenizerError(
+        f"{path}: chat_template must be a string or a list of {{\"name\", \"template\"}} objects, "
+        f"not {json.dumps(value)[:80]}"
+    )
+
+
+def _token_text(path: Path, field: str, value: Any) -> str | None:
+    """Special tokens are stored as strings or {"content": ...} objects."""
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is None or isinstance(text, str):
+        return text
+    raise TokenizerError(f"{path}: {field} must be a token string or {{\"content\": ...}}, not {json.dumps(value)[:80]}")
 
 
 @dataclass
@@ -46,12 +109,13 @@ class Tokenizer:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{path}: cannot read tokenizer ({exc})") from None
-        config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        self.chat_template: str | None = config.get("chat_template")
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        self.add_bos_token = bool(config.get("add_bos_token", False))
+        settings = read_tokenizer_settings(model_dir)
+        self.template_source = model_dir / "tokenizer_config.json"  # named in template errors
+        self.chat_templates = settings.chat_templates
+        self.chat_template: str | None = settings.chat_template
+        self.bos_token = settings.bos_token
+        self.eos_token = settings.eos_token
+        self.add_bos_token = settings.add_bos_token
         self.bos_token_id = self.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self.token_to_id(self.eos_token) if self.eos_token else None
         self._template = None
@@ -78,9 +142,7 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; use --raw")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(self.chat_template)
+            self._template = _compile_template(self.chat_template, self.template_source)
         as_dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
         pieces, length = [], 0
         try:
@@ -141,6 +203,22 @@ PLACEHOLDER = re.compile(f"({PLACEHOLDER_OPEN}\\d+{PLACEHOLDER_CLOSE})")
 
 def _raise_template_error(message: str):
     raise TemplateError(message)
+
+
+def _compile_template(source: str, origin: Path | str, name: str = "default") -> Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_template_error
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as exc:
+        which = "the chat template" if name == "default" else f"the chat template {name!r}"
+        raise TokenizerError(f"{origin}: {which} does not compile (line {exc.lineno}: {exc.message})") from None
+
+
+def validate_tokenizer_files(model_dir: Path) -> None:
+    """`show`'s check: tokenizer_config.json reads, and each of its chat templates compiles."""
+    for name, source in read_tokenizer_settings(model_dir).chat_templates.items():
+        _compile_template(source, Path(model_dir) / "tokenizer_config.json", name)
 
 
 class StreamDecoder:

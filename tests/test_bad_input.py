@@ -1,8 +1,10 @@
 """Broken checkpoints and configs: one clear line naming the file and tensor, non-zero exit."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ from typer.testing import CliRunner
 
 import localv3
 from cli import app
-from localv3.errors import CheckpointError, ConfigError
+from localv3.errors import CheckpointError, ConfigError, ModelNotFoundError
 from localv3.synthetic import write_checkpoint
+from localv3.tokenizer import TokenizerError
 from model_configs import V3_MTP
 
 runner = CliRunner()
@@ -198,3 +201,79 @@ def test_config_values_are_checked_before_anything_is_allocated(tmp_path, field,
         localv3.load(model)
     assert message in str(error.value)
     assert_cli_error(model, "config.json", message)
+
+
+# ----- tokenizer_config.json, chat templates, names ------------------------------------------
+
+TINY_DIR = Path(localv3.__file__).parent / "assets" / "tiny"
+QUESTION = [{"role": "user", "content": "What is 37 + 48?"}]
+
+
+def _tiny_with_tokenizer_config(tmp_path, edit) -> Path:
+    model = Path(shutil.copytree(TINY_DIR, tmp_path / "tiny"))
+    path = model / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(edit(config) if callable(edit) else edit, encoding="utf-8")
+    return model
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ("{bad", "not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+        ("[1, 2]", "expected a JSON object, found list"),
+        (lambda c: json.dumps({**c, "chat_template": 7}), "chat_template must be a string or a list of"),
+        (
+            lambda c: json.dumps({**c, "chat_template": [{"name": "tool_use", "template": "x"}]}),
+            "chat_template lists ['tool_use'] but no template named 'default'",
+        ),
+        (lambda c: json.dumps({**c, "eos_token": ["<eos>"]}), "eos_token must be a token string"),
+        (lambda c: json.dumps({**c, "add_bos_token": "yes"}), "add_bos_token must be true or false, not 'yes'"),
+    ],
+)
+def test_a_broken_tokenizer_config_names_the_file_and_field(tmp_path, edit, message):
+    model = _tiny_with_tokenizer_config(tmp_path, edit)
+    with pytest.raises(TokenizerError) as error:
+        localv3.load(model)
+    assert str(error.value).startswith(f"{model / 'tokenizer_config.json'}: {message}")
+    assert_cli_error(model, "tokenizer_config.json")
+
+
+@pytest.mark.parametrize("template", ["{% if %}", "{{ messages[0] ", "{% for m in messages %}"])
+def test_a_chat_template_that_does_not_compile_is_one_line_naming_the_file(tmp_path, template):
+    model = _tiny_with_tokenizer_config(tmp_path, lambda c: json.dumps({**c, "chat_template": template}))
+    engine = localv3.load(model)
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: the chat template does not compile \(line 1: "):
+        engine.tokenizer.encode_chat(QUESTION)
+    assert engine.tokenizer.encode("What", add_bos=False)  # plain text (run --raw) still works
+    assert_cli_error(model, "tokenizer_config.json: the chat template does not compile")
+
+
+def test_a_list_form_chat_template_uses_its_default_template(tmp_path):
+    reference = localv3.load("tiny")
+    default = reference.tokenizer.chat_template
+    model = _tiny_with_tokenizer_config(
+        tmp_path,
+        lambda c: json.dumps({**c, "chat_template": [{"name": "tool_use", "template": "T{{ 1 }}"}, {"name": "default", "template": default}]}),
+    )
+    engine = localv3.load(model)
+    assert engine.tokenizer.chat_templates == {"tool_use": "T{{ 1 }}", "default": default}
+    ids = engine.tokenizer.encode_chat(QUESTION)
+    assert ids == reference.tokenizer.encode_chat(QUESTION)
+    assert engine.tokenizer.decode(engine.generate(ids, max_new_tokens=8)).strip() == "85"
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("a" * 5000, "unknown model 'aaaa"),
+        ("/" + "b" * 300, "unknown model '/bbbb"),
+        ("nul\x00byte", "unknown model 'nul\\x00byte'"),
+        ("owner/" + "c" * 256, " is not downloaded; run: localv3 pull owner/ccc"),
+    ],
+)
+def test_a_model_name_the_file_system_cannot_hold_is_unknown_not_an_os_error(name, message):
+    with pytest.raises(ModelNotFoundError) as error:
+        localv3.load(name)
+    assert message in str(error.value)
+    assert "Errno" not in str(error.value)

@@ -196,6 +196,8 @@ class LlamaCppTokenizer(Tokenizer):
     def __init__(self, model, metadata: dict[str, str]):
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.chat_template = metadata.get("tokenizer.chat_template")
+        self.chat_templates = {"default": self.chat_template} if self.chat_template else {}
+        self.template_source = "the GGUF's tokenizer.chat_template"
         self.bos_token_id = _token_or_none(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos_token_id = _token_or_none(llama_cpp.llama_vocab_eos(self.vocab))
         self.bos_token = self._text(self.bos_token_id)
