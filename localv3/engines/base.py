@@ -31,6 +31,7 @@ class Engine:
     config: ModelConfig
     tokenizer: Tokenizer | None
     max_context: int
+    kept_sessions = 1  # sessions `reuse_cache` keeps for prefix reuse (the server keeps several)
 
     def new_session(self, capacity: int) -> DecodeSession:
         raise NotImplementedError
@@ -91,24 +92,31 @@ class Engine:
         )
 
     def _session_sharing_prefix(self, token_ids: list[int], capacity: int) -> tuple[DecodeSession, int]:
-        """The kept session rolled back to the prefix it shares with `token_ids` -> (session, tokens kept).
+        """A kept session rolled back to the prefix it shares with `token_ids` -> (session, tokens kept).
 
         The last shared token is always run again: its hidden state is where decoding (and MTP
-        drafting) starts. Sessions without `token_ids`/`rollback` are never reused.
+        drafting) starts. Up to `kept_sessions` sessions are kept, least recently used dropped
+        first; the one sharing the longest prefix is reused unless that would discard most of
+        what it holds while there is room for a new one. Sessions without
+        `token_ids`/`rollback` are never kept.
         """
-        kept = getattr(self, "_kept_session", None)
-        if kept is not None and kept.capacity == capacity:
-            shared = 0
-            for ours, theirs in zip(kept.token_ids, token_ids):
-                if ours != theirs:
-                    break
-                shared += 1
-            keep = min(shared, len(token_ids)) - 1
-            if keep > 0:
-                kept.rollback(kept.position - keep)
-                return kept, keep
+        kept = self.__dict__.setdefault("_kept_sessions", [])  # least recently used first
+        best, keep = None, 0
+        for session in kept:
+            shared = _shared_length(session.token_ids, token_ids)
+            if session.capacity == capacity and min(shared, len(token_ids)) - 1 > keep:
+                best, keep = session, min(shared, len(token_ids)) - 1
+        full = len(kept) >= self.kept_sessions
+        if best is not None and (full or 2 * keep >= len(best.token_ids)):
+            best.rollback(best.position - keep)
+            kept.remove(best)
+            kept.append(best)
+            return best, keep
+        if full:
+            del kept[: len(kept) - self.kept_sessions + 1]  # before allocating its replacement
         session = self.new_session(capacity)
-        self._kept_session = session if hasattr(session, "rollback") and hasattr(session, "token_ids") else None
+        if hasattr(session, "rollback") and hasattr(session, "token_ids"):
+            kept.append(session)
         return session, 0
 
     def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0, **kwargs) -> list[int]:
@@ -120,3 +128,13 @@ class Engine:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    shared = 0
+    for ours, theirs in zip(a, b):
+        if ours != theirs:
+            break
+        shared += 1
+    return shared
