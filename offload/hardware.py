@@ -1,4 +1,5 @@
-"""The machine a plan is for: detected, taken from a named profile, or stated, and any mix.
+"""The machine a plan is for: detected or taken from a named profile (offload.stated adds
+what the user states).
 
 Peak figures and the fraction of them that sustained work reaches are kept apart
 (`Hardware.achievable`); a measured figure is already achievable, so its fraction is 1.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -23,9 +25,9 @@ import psutil
 from localv3.errors import LocalV3Error
 from localv3.files import cache_text
 from localv3.render import format_bytes
-from offload.kernel_probe import CpuKernels, assumed_kernels, best_time, measure_cpu_kernels
+from offload.kernel_probe import CpuKernels, assumed_kernels, best_time, describe_assumed, measure_cpu_kernels
 from offload.profiles import load_profiles
-from offload.units import format_flops, format_rate, parse_bytes, parse_rate
+from offload.units import format_flops, format_rate
 
 CACHE_FILE_NAME = "hardware.json"
 
@@ -95,88 +97,6 @@ class Hardware:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class StatedHardware:
-    """What the user said (`--gpu-mem 24GiB --ram 512GiB ...`): replaces detected or profile figures.
-    Stated bandwidths are peak figures, like those in the profiles."""
-
-    gpu_mem: int | None = None
-    ram: int | None = None
-    cpu_bw: float | None = None
-    gpu_bw: float | None = None
-    pcie: float | None = None
-    cores: int | None = None
-
-    @classmethod
-    def from_text(
-        cls,
-        gpu_mem: str | None = None,
-        ram: str | None = None,
-        cpu_bw: str | None = None,
-        gpu_bw: str | None = None,
-        pcie: str | None = None,
-        cores: int | None = None,
-    ) -> "StatedHardware":
-        if cores is not None and cores < 1:
-            raise HardwareError(f"--cores {cores}: a machine has at least one core")
-        return cls(
-            gpu_mem=None if gpu_mem is None else parse_bytes(gpu_mem),
-            ram=None if ram is None else parse_bytes(ram),
-            cpu_bw=None if cpu_bw is None else parse_rate(cpu_bw),
-            gpu_bw=None if gpu_bw is None else parse_rate(gpu_bw),
-            pcie=None if pcie is None else parse_rate(pcie),
-            cores=cores,
-        )
-
-    @property
-    def anything(self) -> bool:
-        return any(value is not None for value in dataclasses.astuple(self))
-
-    def apply(self, hw: Hardware) -> Hardware:
-        if not self.anything:
-            return hw
-        changes: dict[str, Any] = {"source": f"{hw.source} + stated"}
-        basis = dict(hw.basis)
-        if self.gpu_mem is not None:
-            changes.update(_stated_gpu(hw, self.gpu_mem, basis))
-        if self.gpu_bw is not None:
-            if not changes.get("gpu_name", hw.gpu_name):
-                raise HardwareError("--gpu-bw was given but the machine has no GPU: state --gpu-mem too")
-            changes["gpu_bw"] = self.gpu_bw
-        if self.ram is not None:
-            changes.update(ram_bytes=self.ram, ram_available_bytes=self.ram)
-        if self.cpu_bw is not None:  # a stated figure is a peak, like the profiles' figures
-            changes.update(cpu_bw=self.cpu_bw, achievable=dataclasses.replace(hw.achievable, cpu_bw=Achievable.cpu_bw))
-            changes["cpu_kernels"] = None  # another machine's memory: its kernels are assumed, not ours
-        if self.pcie is not None:
-            changes["pcie_bw"] = self.pcie
-        if self.cores is not None:
-            changes["physical_cores"] = self.cores
-        stated = {"gpu_bw": self.gpu_bw, "cpu_bw": self.cpu_bw, "pcie_bw": self.pcie}
-        basis = {k: v for k, v in basis.items() if stated.get(k) is None}
-        return dataclasses.replace(hw, **changes, basis=basis)
-
-
-def _stated_gpu(hw: Hardware, gpu_mem: int, basis: dict[str, str]) -> dict[str, Any]:
-    """--gpu-mem 0 removes the GPU; a GPU stated on a machine without one gets the default
-    GPU's rates until they are stated too."""
-    if gpu_mem == 0:
-        for figure in ("gpu_bw", "gpu_flops", "pcie_bw"):
-            basis.pop(figure, None)
-        return {"gpu_name": None, "gpu_mem_bytes": 0, "gpu_free_bytes": 0, "gpu_bw": 0.0, "gpu_flops": 0.0, "pcie_bw": 0.0}
-    changes: dict[str, Any] = {"gpu_mem_bytes": gpu_mem, "gpu_free_bytes": gpu_mem}
-    if not hw.has_gpu:
-        profiles = load_profiles()
-        default = profiles.default_gpu
-        changes.update(gpu_name=f"GPU with {format_bytes(gpu_mem)}", gpu_bw=default.bandwidth, gpu_flops=default.flops)
-        basis["gpu_bw"] = f"assumed {format_rate(default.bandwidth)} ({default.name}); state --gpu-bw"
-        basis["gpu_flops"] = f"assumed that of a {default.name}"
-        if not hw.pcie_bw:
-            changes["pcie_bw"] = profiles.default_pcie_bw
-            basis["pcie_bw"] = f"assumed {format_rate(profiles.default_pcie_bw)} (PCIe 4.0 x16); state --pcie"
-    return changes
-
-
 def hardware_from_profile(name: str) -> Hardware:
     machine = load_profiles().machine(name)
     gpu, cpu = machine.gpu, machine.cpu
@@ -197,6 +117,7 @@ def hardware_from_profile(name: str) -> Hardware:
         pcie_bw=machine.pcie_bw if gpu else 0.0,
         disk_free_bytes=None,
         disk_bw=machine.disk_bw,
+        basis={"cpu_kernels": describe_assumed()},
     )
 
 
@@ -300,8 +221,7 @@ def _measured_rates(cpu_name: str, cores: int, ram: int, gpu_name: str | None, b
     machine = {"cpu_name": cpu_name, "physical_cores": cores, "ram_bytes": ram, "gpu_name": gpu_name}
     path = localv3_home() / CACHE_FILE_NAME
     cached = _read_cache(path) or {}
-    complete = {"cpu_bw", "cpu_flops", "pcie_bw", "measured_at"} <= cached.keys()
-    if complete and all(cached.get(key) == value for key, value in machine.items()):
+    if _usable_cache(cached, gpu_name) and all(cached.get(key) == value for key, value in machine.items()):
         rates = cached
         basis["cpu_bw"] = f"measured {format_rate(rates['cpu_bw'])} on {rates['measured_at']} ({path})"
         if not _valid_kernels(rates.get("cpu_kernels")):
@@ -355,6 +275,17 @@ def measure_pcie(buffer_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
         torch.cuda.synchronize()
 
     return buffer_bytes / best_time(copy, repeats)
+
+
+def _usable_cache(cached: dict[str, Any], gpu_name: str | None) -> bool:
+    """Every measured figure present and a positive finite number (PCIe only with a GPU): a
+    zero, negative, NaN or text value (a hand-edited or damaged file) is measured again."""
+    rates = [cached.get("cpu_bw"), cached.get("cpu_flops")] + ([cached.get("pcie_bw")] if gpu_name else [])
+    return isinstance(cached.get("measured_at"), str) and "pcie_bw" in cached and all(map(_positive_number, rates))
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _valid_kernels(data: Any) -> bool:

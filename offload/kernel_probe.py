@@ -10,6 +10,7 @@ change the kernels' speed, so the weights are one quantised tile of random rows 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -52,9 +53,15 @@ class CpuKernels:
         def rates(key: str) -> dict[str, float]:
             return {str(k): float(v) for k, v in data[key].items()}
 
-        return cls(
+        kernels = cls(
             rates("read_fraction"), rates("flops"), rates("expert_flops"), float(data["op_seconds"]), float(data["graph_seconds"])
         )
+        rates_ = [*kernels.read_fraction.values(), *kernels.flops.values(), *kernels.expert_flops.values()]
+        if not all(0 < rate < math.inf for rate in rates_) or not all(
+            0 <= seconds < math.inf for seconds in (kernels.op_seconds, kernels.graph_seconds)
+        ):
+            raise ValueError("kernel rates must be positive and finite, op and graph costs finite")
+        return kernels
 
 
 # Hardware that is stated or named, not measured: ggml's block kernels stream at about two
@@ -63,6 +70,13 @@ class CpuKernels:
 # apply to the profile's own FLOP/s through `flops_factor`.
 ASSUMED = CpuKernels(read_fraction={"q4": 0.65, "q8": 0.7})
 ASSUMED_FLOPS_FACTOR = {"q4": 2.0, "q8": 2.0}
+
+
+def describe_assumed() -> str:
+    """How `assumed_kernels` rates the kernels, for the plan's list of assumed figures."""
+    reads = ", ".join(f"{scheme} at {fraction:.0%}" for scheme, fraction in ASSUMED.read_fraction.items())
+    products = ", ".join(f"{scheme} at {factor:g}x" for scheme, factor in ASSUMED_FLOPS_FACTOR.items())
+    return f"assumed: ggml's block kernels stream {reads} of the bandwidth and multiply {products} the CPU FLOP/s"
 
 
 def assumed_kernels(cpu_flops: float) -> CpuKernels:

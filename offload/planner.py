@@ -21,9 +21,9 @@ from localv3.errors import LocalV3Error
 from localv3.render import format_bytes
 from offload.hardware import Hardware
 from offload.layout import CPU, DISK, GPU, Layout
-from offload.quant import Quantization
+from offload.quant import ROLE_SCHEMES, ROLES, Quantization
 from offload.roofline import FixedCosts, Prediction, Roofline
-from offload.shape import ModelShape, TensorGroup
+from offload.shape import ModelShape, ParameterCount, TensorGroup
 
 GiB = 2**30
 LOWER_QUANT = {"fp32": ("bf16", "q8", "q4"), "bf16": ("q8", "q4"), "fp16": ("q8", "q4"), "fp8": ("q4",), "q8": ("q4",)}
@@ -119,6 +119,8 @@ class Plan:
     kv_cache: KVCachePlan
     predicted: Prediction
     notes: tuple[str, ...]
+    parameters: ParameterCount  # of the layers placed
+    bits_per_weight: dict[str, float]  # role (experts, dense, embeddings) -> average storage bits
 
     def device(self, name: str) -> DeviceUse | None:
         return next((d for d in self.devices if d.name == name), None)
@@ -142,6 +144,8 @@ class Plan:
             "model": self.model,
             "hardware": self.hardware.to_dict(),
             "quantization": self.quantization.to_dict(),
+            "bits_per_weight": self.bits_per_weight,
+            "parameters": self.parameters.to_dict(),
             "devices": [d.to_dict() for d in self.devices],
             "groups": [g.to_dict() for g in self.groups],
             "kv_cache": self.kv_cache.to_dict(),
@@ -384,10 +388,12 @@ class _Planner:
         return low
 
     def _lower_quantisation(self, context: int) -> str | None:
-        """The first single-role step down that fits: experts, then dense, then embeddings."""
-        for role in ("experts", "dense", "embeddings"):
-            for lower in LOWER_QUANT.get(getattr(self.quant, role), ()):
-                if self._fits(context, quant=replace(self.quant, **{role: lower})):
+        """The first single-role step down that fits: experts, then dense, then embeddings (a
+        role whose formats a file fixes: any quantised scheme that fits)."""
+        for role in ROLES:
+            current = "bf16" if self.quant.stores(role) else getattr(self.quant, role)
+            for lower in LOWER_QUANT.get(current, ()):
+                if lower in ROLE_SCHEMES[role] and self._fits(context, quant=self.quant.with_scheme(role, lower)):
                     return f"--{role} {lower}"
         return None
 
@@ -416,6 +422,8 @@ class _Planner:
             kv_cache=kv,
             predicted=predicted,
             notes=tuple(self._notes(layout, predicted)),
+            parameters=self.shape.parameter_count(self.policy.include_mtp),
+            bits_per_weight={role: self.shape.bits_per_weight(self.quant, role) for role in ROLES},
         )
 
     def _placements(self, layout: Layout, context: int):

@@ -55,12 +55,24 @@ class Profiles:
     default_gpu: GpuSpec
     default_pcie_bw: float
     default_disk_bw: float
+    classes: tuple[MachineProfile, ...]  # what stated figures are planned on, smallest first
 
     def machine(self, name: str) -> MachineProfile:
         try:
             return self.machines[name]
         except KeyError:
             raise ProfileError(f"unknown hardware profile {name!r}; known: {', '.join(self.machines)}") from None
+
+    def class_for(self, ram_bytes: int | None, cores: int | None, cpu_bw: float | None) -> MachineProfile:
+        """The first hardware class whose RAM, cores and CPU bandwidth cover the stated ones
+        (None: not stated), else the largest."""
+        wanted = ((ram_bytes, "ram_bytes"), (cores, "cores"), (cpu_bw, "bandwidth"))
+
+        def covers(machine: MachineProfile) -> bool:
+            have = {"ram_bytes": machine.ram_bytes, "cores": machine.cpu.cores, "bandwidth": machine.cpu.bandwidth}
+            return all(value is None or value <= have[key] for value, key in wanted)
+
+        return next((machine for machine in self.classes if covers(machine)), self.classes[-1])
 
     def gpu_named(self, device_name: str) -> GpuSpec | None:
         """The GPU whose marketing name is `device_name` (as torch.cuda reports it), if listed."""
@@ -83,9 +95,16 @@ def load_profiles(path: Path = PROFILES_FILE) -> Profiles:
             default_gpu=gpus[defaults["gpu"]],
             default_pcie_bw=parse_rate(defaults["pcie"]),
             default_disk_bw=parse_rate(defaults["disk"]),
+            classes=_classes(defaults["classes"], machines),
         )
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, UnitError) as exc:
         raise ProfileError(f"{path}: malformed hardware profiles ({type(exc).__name__}: {exc})") from None
+
+
+def _classes(names: list[str], machines: dict[str, MachineProfile]) -> tuple[MachineProfile, ...]:
+    if not names:
+        raise KeyError("defaults.classes names no machine")
+    return tuple(machines[name] for name in names)
 
 
 def _gpu(key: str, entry: dict) -> GpuSpec:

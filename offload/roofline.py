@@ -14,17 +14,20 @@ Disk-resident experts are read at the disk rate and computed by the CPU.
 On the CPU each weight scheme has its own rates (offload.kernel_probe, measured on a detected
 machine): ggml's block kernels stream at a fraction of the read-bandwidth probe and multiply at
 their own FLOP/s; a CPU layer's fixed cost is its torch ops and ggml graph calls.
+Every second on the critical path is kept under its resource (GPU memory bandwidth, CPU
+compute, ...) and its component (GPU, CPU experts, CPU layers, disk, PCIe, fixed).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
 
 from offload.hardware import Hardware
 from offload.layout import CPU, DISK, GPU, Layout
-from offload.quant import Quantization
+from offload.quant import Quantization, kernel_scheme
 from offload.shape import ModelShape
 
 ACTIVATION_BYTES = 2  # hidden states cross PCIe in bf16
@@ -34,6 +37,9 @@ COMPUTE_LABEL = {GPU: "GPU compute", CPU: "CPU compute"}
 DISK_LABEL = "disk reads"
 PCIE_LABEL = "PCIe transfers"
 FIXED_LABEL = "fixed per-layer costs"
+# components: where a decoded token's time goes, for people (the picture of `localv3 plan`)
+GPU_PART, CPU_EXPERTS, CPU_LAYERS, DISK_PART, PCIE_PART, FIXED_PART = "GPU", "CPU experts", "CPU layers", "disk", "PCIe", "fixed"
+COMPONENTS = (GPU_PART, CPU_EXPERTS, CPU_LAYERS, DISK_PART, PCIE_PART, FIXED_PART)
 
 
 # One CPU decoder layer's decode step: torch ops (benchmarks/decode_op_count.py counts 62 for a
@@ -58,6 +64,7 @@ class Prediction:
     prefill_tok_s: float
     bottleneck: str
     decode_seconds: dict[str, float]  # one decoded token's critical path, by resource
+    decode_components: dict[str, float]  # the same seconds by component (COMPONENTS)
     context: int  # cached tokens the decode figure assumes
     prefill_chunk: int  # tokens per prefill forward
     decode_tok_s_all_in_ram: float | None = None  # when experts spill to disk: without the spill
@@ -70,6 +77,7 @@ class Prediction:
             "prefill_tok_s": self.prefill_tok_s,
             "bottleneck": self.bottleneck,
             "decode_ms_per_token": {k: v * 1e3 for k, v in self.decode_seconds.items()},
+            "decode_ms_per_token_by_component": {k: v * 1e3 for k, v in self.decode_components.items()},
             "context": self.context,
             "prefill_chunk": self.prefill_chunk,
             "decode_tok_s_all_in_ram": self.decode_tok_s_all_in_ram,
@@ -88,7 +96,8 @@ class Roofline:
 
     def predict(self, layout: Layout, context: int, prefill_chunk: int, mtp_acceptance: float) -> Prediction:
         main_layers = range(self.shape.num_layers)
-        decode = self.forward(layout, 1, context, main_layers, logit_rows=1)
+        path = self.forward(layout, 1, context, main_layers, logit_rows=1)
+        decode = _fold(path, by=1)
         decode_s = sum(decode.values())
         chunk = min(prefill_chunk, context)
         prefill_s = sum(self.forward(layout, chunk, max(chunk // 2, 1), main_layers, logit_rows=1).values())
@@ -109,6 +118,7 @@ class Roofline:
             prefill_tok_s=chunk / prefill_s,
             bottleneck=max(decode, key=decode.get),
             decode_seconds=dict(decode),
+            decode_components={part: seconds for part, seconds in _fold(path, by=0).items() if seconds > 0},
             context=context,
             prefill_chunk=chunk,
             decode_tok_s_all_in_ram=without_spill,
@@ -117,7 +127,7 @@ class Roofline:
         )
 
     def forward(self, layout: Layout, tokens: int, context: int, layers, logit_rows: int) -> Counter:
-        """Critical-path seconds by resource of one forward over `tokens` new tokens."""
+        """Critical-path seconds of one forward over `tokens` new tokens, by (component, resource)."""
         path: Counter = Counter()
         previous = layout.embedding_device
         for layer in layers:
@@ -125,7 +135,7 @@ class Roofline:
             if device != previous:
                 path += self._handoff(tokens)
             path += self._resident(device, layer, tokens, context)
-            path[FIXED_LABEL] += self.costs.gpu_layer_s if device == GPU else self._cpu_layer_s
+            path[FIXED_PART, FIXED_LABEL] += self.costs.gpu_layer_s if device == GPU else self._cpu_layer_s
             if layer in layout.expert_devices:
                 path += self._moe(layout, device, layer, tokens)
             previous = device
@@ -143,15 +153,15 @@ class Roofline:
         return CPU_OPS_PER_LAYER * kernels.op_seconds + CPU_GRAPHS_PER_LAYER * kernels.graph_seconds
 
     def _groups_roof(self, device: str, groups, tokens: int) -> Counter:
-        """Reading and multiplying the tensors of `groups` once for `tokens` tokens, each weight
-        role at its scheme's rates."""
+        """Reading and multiplying the tensors of `groups` once for `tokens` tokens, each tensor
+        at its format's kernel rates."""
         by_scheme: dict[str, list[float]] = {}
         for g in groups:
             for t in g.tensors:
-                scheme = self.quant.scheme_for(t.role)
-                part = by_scheme.setdefault(scheme.name, [0.0, 0.0])
-                part[0] += g.count * scheme.tensor_bytes(t.shape)
-                part[1] += g.count * 2 * tokens * math.prod(t.shape)
+                fmt = self.quant.format_of(g, t)
+                part = by_scheme.setdefault(kernel_scheme(fmt), [0.0, 0.0])
+                part[0] += g.count * fmt.tensor_bytes(t.shape)
+                part[1] += g.count * 2 * tokens * t.elements
         path: Counter = Counter()
         for scheme, (nbytes, flops) in by_scheme.items():
             path += self._roof(device, nbytes, flops, scheme)
@@ -171,12 +181,12 @@ class Roofline:
         shared = self.shape.group("shared_expert", layer)
         shared_part = self._groups_roof(device, [shared], tokens) if shared else Counter()
         read, flops = self._expert_traffic(layout, layer, tokens)
-        gpu_part = self._roof(GPU, read[GPU], flops[GPU], self.quant.experts) if read[GPU] else Counter()
+        gpu_part = self._experts_roof(GPU, layer, read[GPU], flops[GPU]) if read[GPU] else Counter()
         cpu_part: Counter = Counter()
         if read[CPU] or read[DISK]:
-            cpu_part = self._roof(CPU, read[CPU], flops[CPU] + flops[DISK], self.quant.experts, experts=True)
+            cpu_part = self._experts_roof(CPU, layer, read[CPU], flops[CPU] + flops[DISK])
             if read[DISK]:
-                cpu_part[DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
+                cpu_part[DISK_PART, DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
         local, remote = (gpu_part, cpu_part) if device == GPU else (cpu_part, gpu_part)
         local += shared_part
         if remote:
@@ -188,17 +198,40 @@ class Roofline:
     def _expert_traffic(self, layout: Layout, layer: int, tokens: int) -> tuple[Counter, Counter]:
         """Expected bytes read and FLOPs per device for the routed experts of one layer."""
         experts = self.shape.group("routed_expert", layer)
-        expert_bytes = experts.unit_bytes(self.quant)
+        expert_bytes, expert_flops = experts.unit_bytes(self.quant), 2 * tokens * experts.unit_elements
         read: Counter = Counter()
         flops: Counter = Counter()
         for p, device in zip(self.expert_probabilities[layer], layout.expert_devices[layer]):
             read[device] += (1.0 - (1.0 - p) ** tokens) * expert_bytes
-            flops[device] += 2 * tokens * p * experts.unit_elements
+            flops[device] += p * expert_flops
         return read, flops
+
+    def _experts_roof(self, device: str, layer: int, nbytes: float, flops: float) -> Counter:
+        """Routed experts' reads and products on `device`, each share at its formats' kernel rates."""
+        path: Counter = Counter()
+        for scheme, byte_share, flop_share in self._expert_schemes[layer]:
+            path += self._roof(device, nbytes * byte_share, flops * flop_share, scheme, experts=True)
+        return path
+
+    @functools.cached_property
+    def _expert_schemes(self) -> dict[int, list[tuple[str, float, float]]]:
+        """Per MoE layer: (kernel scheme, share of one expert's bytes, share of its weights)."""
+        shares = {}
+        for layer in self.expert_probabilities:
+            group = self.shape.group("routed_expert", layer)
+            parts: dict[str, list[float]] = {}
+            for t in group.tensors:
+                fmt = self.quant.format_of(group, t)
+                part = parts.setdefault(kernel_scheme(fmt), [0.0, 0.0])
+                part[0] += fmt.tensor_bytes(t.shape)
+                part[1] += t.elements
+            nbytes, elements = group.unit_bytes(self.quant), group.unit_elements
+            shares[layer] = [(scheme, b / nbytes, e / elements) for scheme, (b, e) in parts.items()]
+        return shares
 
     def _roof(self, device: str, nbytes: float, flops: float, scheme: str | None = None, experts: bool = False) -> Counter:
         """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates (the
-        routed experts' products have their own FLOP/s)."""
+        routed experts' products have their own FLOP/s and count as the CPU experts' time)."""
         hw = self.hardware
         bandwidth, compute = hw.effective(f"{device}_bw"), hw.effective(f"{device}_flops")
         if device == CPU and scheme is not None:
@@ -206,13 +239,22 @@ class Roofline:
             compute = hw.kernels.flop_rate(scheme, compute, experts)
         memory_s = nbytes / bandwidth
         compute_s = flops / compute
+        part = GPU_PART if device == GPU else (CPU_EXPERTS if experts else CPU_LAYERS)
         if memory_s >= compute_s:
-            return Counter({BANDWIDTH_LABEL[device]: memory_s})
-        return Counter({COMPUTE_LABEL[device]: compute_s})
+            return Counter({(part, BANDWIDTH_LABEL[device]): memory_s})
+        return Counter({(part, COMPUTE_LABEL[device]): compute_s})
 
     def _handoff(self, tokens: int) -> Counter:
         pcie = tokens * self.shape.hidden_size * ACTIVATION_BYTES / self.hardware.effective("pcie_bw")
-        return Counter({PCIE_LABEL: pcie, FIXED_LABEL: self.costs.handoff_s})
+        return Counter({(PCIE_PART, PCIE_LABEL): pcie, (FIXED_PART, FIXED_LABEL): self.costs.handoff_s})
+
+
+def _fold(path: Counter, by: int) -> Counter:
+    """Seconds keyed by (component, resource) summed by component (by=0) or resource (by=1)."""
+    folded: Counter = Counter()
+    for key, seconds in path.items():
+        folded[key[by]] += seconds
+    return folded
 
 
 def _disk_experts_in_ram(layout: Layout) -> Layout:

@@ -14,7 +14,16 @@ import math
 from dataclasses import dataclass
 
 from localv3.config import ModelConfig
-from offload.quant import KV_CACHE_BYTES_PER_VALUE, Quantization
+from offload.quant import KV_CACHE_BYTES_PER_VALUE, TENSOR_ROLES, Quantization
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int  # per token
+
+    def to_dict(self) -> dict[str, int]:
+        return {"total": self.total, "active": self.active}
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,12 @@ class TensorGroup:
     def elements(self) -> int:
         return self.count * self.unit_elements
 
+    def key(self, tensor: TensorSpec) -> str:
+        """The tensor's full name for one expert (`model.layers.3.mlp.experts.gate_proj.weight`)."""
+        return f"{self.name}.{tensor.name}"
+
     def unit_bytes(self, quant: Quantization) -> int:
-        return sum(quant.scheme_for(t.role).tensor_bytes(t.shape) for t in self.tensors)
+        return sum(quant.format_of(self, t).tensor_bytes(t.shape) for t in self.tensors)
 
     def bytes(self, quant: Quantization) -> int:
         return self.count * self.unit_bytes(quant)
@@ -132,6 +145,26 @@ class ModelShape:
     @property
     def total_elements(self) -> int:
         return sum(g.elements for g in self.groups)
+
+    def parameter_count(self, include_mtp: bool = True) -> ParameterCount:
+        """Parameters in total and active per token (everything but the routed experts, plus
+        experts_per_token of every layer's n_routed_experts), as `localv3 show` counts them."""
+        groups = [g for g in self.groups if include_mtp or not self.is_mtp_layer(g.layer)]
+        routed = sum(g.elements for g in groups if g.kind == "routed_expert")
+        total = sum(g.elements for g in groups)
+        share = self.experts_per_token / self.n_routed_experts if self.n_routed_experts else 0.0
+        return ParameterCount(total=total, active=int(total - routed + routed * share))
+
+    def bits_per_weight(self, quant: Quantization, role: str) -> float:
+        """Average storage bits per weight of the matrices of `role` (experts, dense, embeddings)."""
+        roles = TENSOR_ROLES[role]
+        nbytes = elements = 0
+        for g in self.groups:
+            for t in g.tensors:
+                if t.role in roles:
+                    nbytes += g.count * quant.format_of(g, t).tensor_bytes(t.shape)
+                    elements += g.count * t.elements
+        return 8 * nbytes / elements if elements else 0.0
 
     def activation_bytes(self, tokens: int, key_block: int = 1024) -> int:
         """fp32 working memory of a forward over `tokens` tokens (one prefill chunk), attention

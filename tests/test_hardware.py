@@ -10,7 +10,8 @@ import torch
 
 from offload import hardware as hw_module
 from offload.kernel_probe import CpuKernels
-from offload.hardware import Achievable, HardwareError, StatedHardware, detect_hardware, gpu_rates, hardware_from_profile
+from offload.hardware import Achievable, HardwareError, detect_hardware, gpu_rates, hardware_from_profile
+from offload.stated import StatedHardware, hardware_for, stated_machine
 from offload.profiles import ProfileError, load_profiles
 from offload.units import UnitError, format_flops, format_rate, parse_bytes, parse_flops, parse_rate
 
@@ -27,10 +28,11 @@ GiB = 2**30
         (" 24 GiB ", 24 * GiB),
         ("1.5T", int(1.5 * 2**40)),
         ("64k", 64 * 1024),
-        ("123", 123),
+        ("123B", 123),
         ("8gib", 8 * GiB),
+        ("0", 0),  # zero needs no unit
         (0, 0),
-        (4096, 4096),
+        (4096, 4096),  # a number from code is bytes
     ],
 )
 def test_sizes_parse_as_people_write_them(text, expected):
@@ -46,7 +48,7 @@ def test_sizes_parse_as_people_write_them(text, expected):
         ("460.8GB", 460.8e9),
         ("2GiB/s", 2 * GiB),
         ("12.5 GB / s", 12.5e9),
-        ("1e9", 1e9),
+        ("1e9B/s", 1e9),
     ],
 )
 def test_rates_parse_decimal_as_hardware_is_specified(text, expected):
@@ -64,6 +66,28 @@ def test_bad_sizes_name_the_input_and_show_an_example(text):
         parse_bytes(text)
     message = str(error.value)
     assert repr(text) in message and "24GiB" in message
+
+
+@pytest.mark.parametrize("parse", [parse_bytes, parse_rate, parse_flops])
+@pytest.mark.parametrize("text", ["24", "1e9", "460.8", "25/s"])
+def test_written_figures_need_a_unit(parse, text):
+    """`--gpu-mem 24` is not 24 bytes: a unit must be written (zero excepted)."""
+    with pytest.raises(UnitError, match="no unit"):
+        parse(text)
+
+
+@pytest.mark.parametrize("parse", [parse_bytes, parse_rate, parse_flops])
+@pytest.mark.parametrize("text", ["1e300T", "1e99999999G", "9" * 400 + "T", 1e300, 10**400])
+def test_absurd_figures_are_refused_not_overflowed(parse, text):
+    with pytest.raises(UnitError, match="too large"):
+        parse(text)
+
+
+@pytest.mark.parametrize("parse", [parse_bytes, parse_rate, parse_flops])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, "nan", "inf", "-5G"])
+def test_nan_infinite_and_negative_figures_are_refused(parse, value):
+    with pytest.raises(UnitError):
+        parse(value)
 
 
 def test_a_rate_is_not_a_size_and_nonsense_is_not_a_rate():
@@ -159,6 +183,91 @@ def test_bad_stated_values_are_refused():
         StatedHardware.from_text(cores=0)
 
 
+def test_stated_cores_scale_the_cpu_flops_at_the_per_core_rate():
+    epyc = hardware_from_profile("rtx4090-epyc-12ch")  # 96 cores, 7.4 TFLOP/s
+    hw = StatedHardware(cores=32).apply(epyc)
+    assert hw.physical_cores == 32 and hw.cpu_flops == pytest.approx(7.4e12 * 32 / 96)
+    assert "32 cores at 77.1 GFLOP/s each" in hw.basis["cpu_flops"] and "state --cpu-flops" in hw.basis["cpu_flops"]
+    both = StatedHardware(cores=32, cpu_flops=3e12).apply(epyc)
+    assert both.cpu_flops == 3e12 and "cpu_flops" not in both.basis
+
+
+def test_option_texts_are_read_and_their_errors_name_the_option():
+    stated = StatedHardware.from_text(cpu_flops="7.4TFLOPS", gpu_mem="24GiB", cores=8)
+    assert (stated.cpu_flops, stated.gpu_mem, stated.cores) == (7.4e12, 24 * GiB, 8)
+    with pytest.raises(UnitError, match=r"^--gpu-mem: '24' has no unit"):
+        StatedHardware.from_text(gpu_mem="24")
+    with pytest.raises(UnitError, match=r"^--cpu-flops: '1e300T' is too large"):
+        StatedHardware.from_text(cpu_flops="1e300T")
+
+
+@pytest.mark.parametrize("field", ["ram", "cpu_bw", "cpu_flops", "gpu_bw", "pcie"])
+def test_zero_rates_and_memory_are_refused(field):
+    with pytest.raises(HardwareError, match=f"--{field.replace('_', '-')} must be above zero"):
+        StatedHardware(**{field: 0})
+
+
+def test_absurd_core_counts_are_refused():
+    with pytest.raises(HardwareError, match="--cores 1000000000"):
+        StatedHardware(cores=10**9)
+
+
+@pytest.fixture
+def no_detection(monkeypatch):
+    """Detecting or measuring this machine fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plan for stated hardware looked at this machine")
+
+    for name in ("detect_hardware", "measure_cpu", "measure_cpu_kernels", "measure_pcie"):
+        monkeypatch.setattr(hw_module, name, refuse)
+    monkeypatch.setattr("offload.stated.detect_hardware", refuse)
+
+
+@pytest.mark.parametrize(
+    "stated, machine",
+    [
+        ({"ram": 128 * GiB}, "rtx4090-ddr5-dual"),
+        ({"ram": 512 * GiB}, "rtx4090-epyc-12ch"),
+        ({"cores": 32}, "rtx4090-epyc-12ch"),
+        ({"cpu_bw": 90e9, "gpu_mem": 0}, "rtx4090-ddr5-dual"),
+        ({"ram": 4 * 2**40}, "rtx4090-epyc-12ch"),  # beyond every class: the largest
+    ],
+)
+def test_stated_hardware_is_planned_on_the_class_that_covers_it(no_detection, stated, machine):
+    hw = hardware_for(None, StatedHardware(**stated))
+    profile = hardware_from_profile(machine)
+    assert hw.source == f"stated; the rest as profile {machine}"
+    stated_by = {"cpu_bw": "cpu_bw", "physical_cores": "cores", "ram_bytes": "ram", "cpu_flops": "cores"}
+    for figure in ("cpu_bw", "cpu_flops", "physical_cores", "ram_bytes", "disk_bw"):
+        if stated_by.get(figure) not in stated:
+            assert getattr(hw, figure) == getattr(profile, figure), figure
+    assert hw.cpu_kernels is None and hw.kernels.read_fraction == {"q4": 0.65, "q8": 0.7}
+
+
+def test_every_figure_not_stated_is_said_to_be_assumed(no_detection):
+    hw = stated_machine(StatedHardware(ram=512 * GiB))
+    assert "ram" not in hw.basis and hw.ram_bytes == 512 * GiB
+    options = {"gpu": "--gpu-mem", "gpu_bw": "--gpu-bw", "pcie_bw": "--pcie", "cpu_bw": "--cpu-bw", "cores": "--cores", "cpu_flops": "--cpu-flops"}
+    for figure, option in options.items():
+        assert hw.basis[figure].startswith("assumed") and f"(state {option}" in hw.basis[figure], figure
+    assert {"gpu_flops", "cpu_kernels", "disk_bw"} <= hw.basis.keys()
+    assert hw.cpu_name == "stated CPU" and hw.gpu_name == "assumed NVIDIA GeForce RTX 4090"
+    everything = StatedHardware(gpu_mem=24 * GiB, ram=512 * GiB, cpu_bw=460e9, cpu_flops=3e12, gpu_bw=1e12, pcie=25e9, cores=32)
+    assert set(stated_machine(everything).basis) == {"gpu_flops", "cpu_kernels", "disk_bw"}
+
+
+def test_without_stated_cpu_bandwidth_the_header_shows_the_class_not_this_machine(no_detection):
+    hw = hardware_for(None, StatedHardware(ram=512 * GiB, gpu_mem=24 * GiB))
+    assert "461 GB/s" in hw.describe() and "512.00 GiB RAM" in hw.describe()
+
+
+def test_a_profile_with_stated_figures_and_this_machine_when_nothing_is_stated(monkeypatch):
+    assert hardware_for("cpu-only", StatedHardware(ram=64 * GiB)).source == "profile cpu-only + stated"
+    monkeypatch.setattr("offload.stated.detect_hardware", lambda model_dir: "detected")
+    assert hardware_for(None, StatedHardware()) == "detected"
+
+
 # ----- detection -----------------------------------------------------------------------------
 @pytest.fixture
 def home(tmp_path, monkeypatch):
@@ -195,6 +304,43 @@ def test_a_cache_from_another_machine_is_measured_again(home, monkeypatch):
     monkeypatch.setattr(hw_module, "measure_cpu", lambda: (30e9, 200e9))
     assert detect_hardware().cpu_bw == 30e9
     assert json.loads((home / "hardware.json").read_text())["cpu_bw"] == 30e9
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        {"cpu_bw": 0},
+        {"cpu_bw": -5e9},
+        {"cpu_bw": "fast"},
+        {"cpu_flops": float("nan")},
+        {"cpu_flops": None},
+        {"cpu_bw": True},
+        {"measured_at": 7},
+        {"cpu_kernels": {"read_fraction": {"q4": 0}, "flops": {}, "expert_flops": {}, "op_seconds": 1e-6, "graph_seconds": 1e-5}},
+        {"cpu_kernels": {"read_fraction": {}, "flops": {"q4": "x"}, "expert_flops": {}, "op_seconds": 1e-6, "graph_seconds": 1e-5}},
+        {"cpu_kernels": {"read_fraction": {}, "flops": {}, "expert_flops": {}, "op_seconds": -1, "graph_seconds": 1e-5}},
+    ],
+)
+def test_a_corrupt_cached_value_is_measured_again(home, monkeypatch, corrupt):
+    monkeypatch.setattr(hw_module, "measure_cpu", lambda: (20e9, 100e9))
+    detect_hardware()
+    cache = home / "hardware.json"
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), **corrupt}))
+    monkeypatch.setattr(hw_module, "measure_cpu", lambda: (30e9, 200e9))
+    hw = detect_hardware()
+    assert hw.cpu_bw > 0 and hw.cpu_flops > 0 and hw.kernels.read_rate("q4", hw.cpu_bw) > 0
+    if "cpu_kernels" not in corrupt:
+        assert hw.cpu_bw == 30e9 and json.loads(cache.read_text())["cpu_bw"] == 30e9
+
+
+@pytest.mark.parametrize("missing", ["cpu_bw", "cpu_flops", "pcie_bw", "measured_at"])
+def test_a_cache_missing_a_figure_is_measured_again(home, monkeypatch, missing):
+    monkeypatch.setattr(hw_module, "measure_cpu", lambda: (20e9, 100e9))
+    detect_hardware()
+    cache = home / "hardware.json"
+    cache.write_text(json.dumps({k: v for k, v in json.loads(cache.read_text()).items() if k != missing}))
+    monkeypatch.setattr(hw_module, "measure_cpu", lambda: (30e9, 200e9))
+    assert detect_hardware().cpu_bw == 30e9
 
 
 MEASURED_KERNELS = CpuKernels({"q4": 0.6, "q8": 0.7}, {"q4": 80e9, "q8": 60e9}, {"q4": 70e9, "q8": 50e9}, 3e-6, 20e-6)

@@ -1,15 +1,19 @@
 """The offload planner: shapes from config.json, sizes under each quantisation, placement,
-overrides, refusals, and the roofline, checked against the issue's reality checks."""
+overrides, refusals, and the roofline, checked against published figures; stated hardware
+against the named profiles; a file's own tensor formats; what would change a plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from localv3.config import ModelConfig
-from offload.hardware import Hardware, StatedHardware, hardware_from_profile
+from offload.hardware import Hardware, hardware_from_profile
+from offload.profiles import load_profiles
+from offload.stated import StatedHardware, stated_machine
 from offload.layout import CPU, DISK, GPU
 from offload.planner import Plan, PlanError, Policy, expert_probabilities, plan
 from localv3.formats.table import QuantError
@@ -76,7 +80,7 @@ def test_v3_shape_matches_the_published_parameter_counts(v3):
     assert (mtp + shared_copies) / 1e9 == pytest.approx(13.5, abs=0.6)
     assert len(v3.moe_layers) == 58 + 1 and v3.group("routed_expert", 3).count == 256
     assert v3.group("dense_ffn", 2) is not None and v3.group("dense_ffn", 3) is None
-    assert v3.kv_bytes_per_token_per_layer * v3.num_layers == 70_272  # DESIGN.md section 3
+    assert v3.kv_bytes_per_token_per_layer * v3.num_layers == 70_272  # 61 layers x (512 + 64) bf16 values
 
 
 @pytest.mark.parametrize(
@@ -121,7 +125,7 @@ def test_unknown_quantisation_names_the_choices():
         Quantization(experts="int3")
 
 
-# ----- the issue's reality checks --------------------------------------------------------------
+# ----- reality checks ------------------------------------------------------------------------
 def test_v3_q4_on_24gib_and_512gib_keeps_non_experts_and_a_useful_context_on_gpu(v3):
     p = plan(v3, Quantization(experts="q4"), machine(ram=512 * GiB), context=8192)
     assert resident_devices(p) == {GPU}
@@ -337,7 +341,7 @@ def test_cpu_decode_is_bytes_read_over_bandwidth_when_nothing_else_costs(moonlig
 
 
 def test_v3_predictions_land_near_published_results(v3):
-    """hardware.md: an EPYC 9654 (12x DDR5-4800) with a 4090 decodes V3 Q4 at ~14 tok/s (1K
+    """Published runs: an EPYC 9654 (12x DDR5-4800) with a 4090 decodes V3 Q4 at ~14 tok/s (1K
     context); one Xeon socket (8x DDR5-4800) with KTransformers at 8.7 tok/s."""
     epyc = plan(v3, Quantization(), machine(ram=512 * GiB), 1024).predicted
     xeon = plan(v3, Quantization(), machine("rtx4090-xeon-8ch"), 1024).predicted
@@ -355,7 +359,7 @@ def test_mtp_speculation_pays_on_the_gpu_and_is_modelled_honestly_on_the_cpu(v3)
 
 
 # ----- the plan as data ----------------------------------------------------------------------------
-def test_plan_dict_has_the_issue_fields_and_is_json(v3):
+def test_plan_dict_has_every_figure_and_is_json(v3):
     p = plan(v3, Quantization(), machine(ram=256 * GiB), 4096)
     data = json.loads(json.dumps(p.to_dict()))
     assert {"devices", "groups", "kv_cache", "predicted"} <= set(data)
@@ -366,7 +370,8 @@ def test_plan_dict_has_the_issue_fields_and_is_json(v3):
         assert {"name", "kind", "layer", "device", "bytes"} <= set(g) and g["kind"] in KINDS
     assert {g["kind"] for g in data["groups"]} == KINDS
     assert {"bytes_per_token", "max_context"} <= set(data["kv_cache"])
-    assert {"decode_tok_s", "prefill_tok_s", "bottleneck"} <= set(data["predicted"])
+    assert {"decode_tok_s", "prefill_tok_s", "bottleneck", "decode_ms_per_token_by_component"} <= set(data["predicted"])
+    assert data["parameters"] == p.parameters.to_dict() and set(data["bits_per_weight"]) == {"experts", "dense", "embeddings"}
     experts = [g for g in data["groups"] if g["kind"] == "routed_expert" and g["layer"] == 30]
     assert sorted(e for g in experts for e in g["experts"]) == list(range(256))
     total = sum(g["bytes"] for g in data["groups"])
@@ -379,3 +384,135 @@ def test_layout_tells_the_runtime_where_each_expert_lives(v3):
     assert all(len(devices) == 256 for devices in p.layout.expert_devices.values())
     assert p.layout.experts_on(3, GPU) == list(range(len(p.layout.experts_on(3, GPU))))
     assert p.layout.head_device == GPU and p.layout.embedding_device == GPU
+
+
+# ----- stated hardware is planned as the hardware it states ---------------------------------------
+def own_figures(name: str) -> StatedHardware:
+    """What a user writes to describe the profile's machine by its figures."""
+    p = hardware_from_profile(name)
+    return StatedHardware(
+        gpu_mem=p.gpu_mem_bytes, ram=p.ram_bytes, cpu_bw=p.cpu_bw, cores=p.physical_cores,
+        gpu_bw=p.gpu_bw if p.has_gpu else None, pcie=p.pcie_bw if p.has_gpu else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(load_profiles().machines))
+@pytest.mark.parametrize("model", ["deepseek-v3", "moonlight-16b-a3b-instruct"])
+def test_stating_a_profiles_own_figures_predicts_what_the_profile_does(name, model):
+    shape = shape_of(model)
+    by_name = plan(shape, Quantization(), hardware_from_profile(name), 8192)
+    by_figures = plan(shape, Quantization(), stated_machine(own_figures(name)), 8192)
+    assert by_figures.layout == by_name.layout
+    assert by_figures.predicted.decode_tok_s == pytest.approx(by_name.predicted.decode_tok_s, rel=0.03)
+
+
+@pytest.mark.parametrize("name", [n for n, m in load_profiles().machines.items() if m.gpu is None or m.gpu.key == "rtx4090"])
+def test_with_the_cpu_flops_stated_too_prefill_matches_as_well(v3, name):
+    profile = hardware_from_profile(name)
+    stated = dataclasses.replace(own_figures(name), cpu_flops=profile.cpu_flops)
+    by_name = plan(v3, Quantization(), profile, 8192).predicted
+    by_figures = plan(v3, Quantization(), stated_machine(stated), 8192).predicted
+    assert by_figures.prefill_tok_s == pytest.approx(by_name.prefill_tok_s, rel=1e-9)
+    assert by_figures.decode_tok_s == pytest.approx(by_name.decode_tok_s, rel=1e-9)
+
+
+def test_more_cores_make_prefill_faster_and_leave_a_bandwidth_bound_decode(v3):
+    few, many = (plan(v3, Quantization(), stated_machine(StatedHardware(ram=512 * GiB, cores=n)), 8192).predicted for n in (8, 96))
+    assert many.prefill_tok_s > 1.5 * few.prefill_tok_s
+    assert many.decode_tok_s >= few.decode_tok_s
+
+
+# ----- tensor formats a file fixes ------------------------------------------------------------------
+def stored_experts(shape: ModelShape, type_name: str, layers=None) -> Quantization:
+    from offload.gguf_model import ggml_format
+
+    fmt = ggml_format(type_name)
+    experts = {g.key(t): fmt for g in shape.groups if g.kind == "routed_expert" and (layers is None or g.layer in layers) for t in g.tensors}
+    return dataclasses.replace(Quantization(), stored={"experts": experts})
+
+
+@pytest.mark.parametrize("type_name, bits", [("IQ1_S", 1.5625), ("IQ2_XXS", 2.0625), ("Q2_K", 2.625), ("Q3_K", 3.4375), ("Q5_K", 5.5), ("Q6_K", 6.5625)])
+def test_stored_expert_formats_are_sized_by_the_ggml_type_table(v3, type_name, bits):
+    quant = stored_experts(v3, type_name)
+    experts = v3.group("routed_expert", 10)
+    assert experts.unit_bytes(quant) == experts.unit_elements * bits / 8
+    assert v3.bits_per_weight(quant, "experts") == pytest.approx(bits)
+    assert quant.to_dict() == {"experts": type_name.lower(), "dense": "q8", "embeddings": "bf16"}
+
+
+def test_a_1_58_bit_v3_fits_where_q4_does_not(v3):
+    hardware = machine("rtx4090-ddr5-dual", ram=192 * GiB)  # q4 experts: ~340 GiB
+    with pytest.raises(PlanError, match="does not fit"):
+        plan(v3, Quantization(), hardware, 8192, Policy(allow_disk=False))
+    p = plan(v3, stored_experts(v3, "IQ1_S"), hardware, 8192, Policy(allow_disk=False))
+    assert p.layout.count_experts(DISK) == 0 and p.bits_per_weight["experts"] == pytest.approx(1.5625)
+    assert p.predicted.decode_tok_s > plan(v3, Quantization(), hardware, 8192).predicted.decode_tok_s
+
+
+def test_a_stated_scheme_replaces_the_stored_formats_of_its_role_only(v3):
+    quant = stored_experts(v3, "Q2_K")
+    restated = quant.with_scheme("experts", "q8")
+    assert not restated.stores("experts") and restated.to_dict()["experts"] == "q8"
+    assert quant.with_scheme("dense", "q4").stores("experts")
+
+
+def test_mixed_expert_formats_are_timed_by_their_bytes(v3):
+    """Lower-bit experts read fewer bytes: a bandwidth-bound decode gets faster in proportion."""
+    hardware = machine(ram=512 * GiB)
+    q4 = plan(v3, Quantization(), hardware, 1024, Policy(cpu_moe=True)).predicted
+    q2 = plan(v3, stored_experts(v3, "Q2_K"), hardware, 1024, Policy(cpu_moe=True)).predicted
+    part = q2.decode_components["CPU experts"] / q4.decode_components["CPU experts"]
+    assert part == pytest.approx(2.625 / 4.5, rel=1e-6)
+
+
+# ----- components and what would change it -----------------------------------------------------------
+@pytest.mark.parametrize("profile, ram", [("rtx4090-epyc-12ch", 512), ("rtx4090-epyc-12ch", 256), ("cpu-only", 768), ("rtx4060ti-desktop", 96)])
+def test_decode_components_add_up_to_the_decode_time(v3, profile, ram):
+    p = plan(v3, Quantization(), machine(profile, ram=ram * GiB), 4096).predicted
+    assert set(p.decode_components) <= {"GPU", "CPU experts", "CPU layers", "disk", "PCIe", "fixed"}
+    assert sum(p.decode_components.values()) == pytest.approx(sum(p.decode_seconds.values()), rel=1e-12)
+    assert sum(p.decode_components.values()) == pytest.approx(1 / p.decode_tok_s, rel=1e-12)
+    assert p.decode_components.get("fixed", 0) == pytest.approx(p.decode_seconds.get("fixed per-layer costs", 0))
+    assert ("disk" in p.decode_components) == ("disk reads" in p.decode_seconds)
+
+
+def test_what_would_change_it_replans_one_step_away(v3):
+    from offload.alternatives import what_would_change
+
+    policy = Policy()
+    hardware = machine(ram=512 * GiB)
+    result = plan(v3, Quantization(), hardware, 8192, policy)
+    bandwidth, gpu, experts = what_would_change(result, v3, policy)
+    assert bandwidth.change == "2x RAM bandwidth (922 GB/s)" and bandwidth.decode_tok_s > 1.3 * result.predicted.decode_tok_s
+    assert gpu.change == "a 48.00 GiB GPU" and gpu.decode_tok_s > result.predicted.decode_tok_s
+    q8 = plan(v3, Quantization(experts="q8"), hardware, 8192, policy).predicted.decode_tok_s
+    assert experts.change == "routed experts in q8" and experts.decode_tok_s == q8
+    no_gpu = plan(v3, Quantization(), machine("cpu-only"), 8192, policy)
+    assert what_would_change(no_gpu, v3, policy)[1].change == "a 24.00 GiB GPU (NVIDIA GeForce RTX 4090)"
+    small = plan(v3, Quantization(), machine(ram=384 * GiB), 8192, Policy(allow_disk=False))
+    assert what_would_change(small, v3, Policy(allow_disk=False))[2].decode_tok_s is None  # q8 does not fit
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_refusals_suggest_only_schemes_the_options_take(v3, seed):
+    """Whatever the starting schemes, a suggested `--role scheme` is one that role accepts."""
+    import random
+    import re
+
+    from offload.quant import ROLE_SCHEMES
+
+    rng = random.Random(seed)
+    quant = Quantization(*(rng.choice(ROLE_SCHEMES[role]) for role in ("experts", "dense", "embeddings")))
+    with pytest.raises(PlanError) as refusal:
+        plan(v3, quant, machine("cpu-only", ram=rng.choice([16, 64, 128]) * GiB), 4096, Policy(allow_disk=False))
+    for role, name in re.findall(r"--(experts|dense|embeddings) (\S+)", str(refusal.value)):
+        assert name in ROLE_SCHEMES[role], str(refusal.value)
+
+
+def test_parameter_counts_are_those_localv3_show_counts():
+    from localv3.inspect import summarize
+
+    tiny_dir = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "tiny"
+    shape = ModelShape.from_config(ModelConfig.from_file(tiny_dir), "tiny")
+    shown = summarize(tiny_dir)
+    assert shape.parameter_count().to_dict() == {"total": shown.params_total, "active": shown.params_active}

@@ -1,10 +1,12 @@
 """`localv3 plan MODEL`: where every part of a model would live on this (or a stated) machine,
-and how fast it would run. Works from config.json alone, before any download."""
+and how fast it would run. Works from config.json alone, before any download; a GGUF is
+planned in the tensor types its file holds."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,15 +14,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from localv3.commands.plan_picture import picture
 from localv3.config import ModelConfig
 from localv3.errors import LocalV3Error
-from localv3.render import format_bytes
-from offload.hardware import Hardware, StatedHardware, detect_hardware, hardware_from_profile
-from offload.planner import Plan, Policy, layer_ranges, plan
+from localv3.render import format_bytes, format_count
+from offload.alternatives import Alternative, what_would_change
+from offload.gguf_model import GgufModel, nominal_expert_formats, read_gguf, type_named
+from offload.hardware import Hardware
+from offload.planner import Plan, PlanError, Policy, layer_ranges, plan
 from offload.profiles import load_profiles
-from offload.quant import Quantization, scheme
+from offload.quant import ROLE_SCHEMES, Quantization
 from offload.routing_stats import find_profile, load_profile
 from offload.shape import ModelShape
+from offload.stated import StatedHardware, hardware_for
 from offload.units import format_rate
 
 DEFAULT_CONTEXT = 8192
@@ -46,19 +52,28 @@ def plan_command(
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory, e.g. 24GiB (0: no GPU)"),
     ram: Optional[str] = typer.Option(None, "--ram", help="RAM, e.g. 512GiB"),
     cpu_bw: Optional[str] = typer.Option(None, "--cpu-bw", help="peak CPU memory bandwidth, e.g. 460GB/s"),
+    cpu_flops: Optional[str] = typer.Option(
+        None, "--cpu-flops", help="peak CPU FLOP/s, e.g. 7.4TFLOPS (default: the hardware class's per core, times --cores)"
+    ),
     gpu_bw: Optional[str] = typer.Option(None, "--gpu-bw", help="peak GPU memory bandwidth, e.g. 1008GB/s"),
     pcie: Optional[str] = typer.Option(None, "--pcie", help="PCIe rate per direction, e.g. 25GB/s"),
-    cores: Optional[int] = typer.Option(None, "--cores", help="physical CPU cores"),
+    cores: Optional[int] = typer.Option(None, "--cores", help="physical CPU cores (scales the CPU's FLOP/s)"),
     context: Optional[int] = typer.Option(
         None, "--context", help=f"tokens of KV cache to plan for (default {DEFAULT_CONTEXT}, at most the model's)"
     ),
     experts: Optional[str] = typer.Option(
-        None, "--experts", help="routed experts: q4, q8, fp8, bf16 (default: as a localv3 checkpoint stores them, else q4)"
+        None,
+        "--experts",
+        help=f"routed experts: {', '.join(ROLE_SCHEMES['experts'])} (default: as a localv3 checkpoint or GGUF stores them, else q4)",
     ),
     dense: Optional[str] = typer.Option(
-        None, "--dense", help="attention, dense FFN, shared experts: q4, q8, fp8, bf16 (default: as stored, else q8)"
+        None,
+        "--dense",
+        help=f"attention, dense FFN, shared experts: {', '.join(ROLE_SCHEMES['dense'])} (default: as stored, else q8)",
     ),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="embeddings and lm_head: bf16, fp8 (default bf16)"),
+    embeddings: Optional[str] = typer.Option(
+        None, "--embeddings", help=f"embeddings and lm_head: {', '.join(ROLE_SCHEMES['embeddings'])} (default: as stored, else bf16)"
+    ),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", help="keep every routed expert off the GPU"),
     n_cpu_moe: Optional[int] = typer.Option(
         None, "--n-cpu-moe", help="routed experts of layers < N in RAM, of the other layers on the GPU"
@@ -74,11 +89,14 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Plan where each part of MODEL lives (GPU, RAM, disk) and predict its speed."""
-    config, name, model_dir = _model_config(model)
-    shape = ModelShape.from_config(config, name)
-    stated = StatedHardware.from_text(gpu_mem, ram, cpu_bw, gpu_bw, pcie, cores)
-    hardware = stated.apply(hardware_from_profile(profile) if profile else detect_hardware(model_dir))
-    quant = _planned_quantization(model_dir, experts, dense, embeddings)
+    stated = StatedHardware.from_text(
+        gpu_mem=gpu_mem, ram=ram, cpu_bw=cpu_bw, cpu_flops=cpu_flops, gpu_bw=gpu_bw, pcie=pcie, cores=cores
+    )
+    source = _plan_source(model)
+    model_dir = source.model_dir
+    shape = ModelShape.from_config(source.config, source.name)
+    quant = _planned_quantization(source, shape, {"experts": experts, "dense": dense, "embeddings": embeddings})
+    hardware = hardware_for(profile, stated, model_dir)
     profile_path = routing_profile or find_profile(model_dir)
     policy = Policy(
         cpu_moe=cpu_moe,
@@ -90,38 +108,82 @@ def plan_command(
     )
     tokens = context if context is not None else min(DEFAULT_CONTEXT, shape.max_position_embeddings)
     _report_hardware(hardware)
+    for note in source.notes:
+        print(note, file=sys.stderr)
     if profile_path:
         print(f"routing profile: {profile_path}", file=sys.stderr)
     result = plan(shape, quant, hardware, tokens, policy)
+    alternatives = what_would_change(result, shape, policy)
     if as_json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "what_would_change": [a.to_dict() for a in alternatives]}))
         return
-    render_plan(result, shape, Console(file=sys.stdout))
+    render_plan(result, shape, alternatives, Console(file=sys.stdout))
 
 
-def _planned_quantization(model_dir: Path | None, experts: str | None, dense: str | None, embeddings: str | None) -> Quantization:
-    """The schemes stated, else what a localv3 checkpoint stores (what the engine will load),
-    else q4 experts and q8 dense weights (what `localv3 quantize` writes by default)."""
-    from localv3.quantized import read_manifest
+@dataclass(frozen=True)
+class PlanSource:
+    """What is planned: a configuration, the model's name and local directory, and the tensor
+    types a GGUF fixes (its own, or those its models.toml entry names before it is pulled)."""
 
-    manifest = read_manifest(model_dir) if model_dir is not None else None
-    stored = Quantization(experts=manifest.experts, dense=manifest.dense) if manifest else Quantization()
-    return Quantization(
-        experts=experts or stored.experts, dense=dense or stored.dense, embeddings=embeddings or stored.embeddings
-    )
+    config: ModelConfig
+    name: str
+    model_dir: Path | None
+    gguf: GgufModel | None = None
+    nominal_experts: str | None = None  # a GGUF entry not pulled yet: the ggml type of its precision
+    notes: tuple[str, ...] = ()
 
 
-def _model_config(spec: str) -> tuple[ModelConfig, str, Path | None]:
-    """(config, display name, local model directory or None) for a config.json path or anything
-    the registry resolves."""
+def _planned_quantization(source: PlanSource, shape: ModelShape, stated: dict[str, str | None]) -> Quantization:
+    """The schemes stated, else what the model's files store (a localv3 checkpoint's schemes,
+    a GGUF's tensor types), else q4 experts and q8 dense weights (`localv3 quantize`'s default)."""
+    for role, name in stated.items():
+        if name is not None and name not in ROLE_SCHEMES[role]:
+            raise PlanError(f"unknown quantisation {name!r} for --{role}; choose one of {', '.join(ROLE_SCHEMES[role])}")
+    quant = Quantization()
+    if source.gguf is not None:
+        quant = replace(quant, stored=source.gguf.stored_formats(shape))
+    elif source.nominal_experts is not None:
+        quant = replace(quant, stored=nominal_expert_formats(shape, source.nominal_experts))
+    elif source.model_dir is not None:
+        from localv3.quantized import read_manifest
+
+        manifest = read_manifest(source.model_dir)
+        quant = Quantization(experts=manifest.experts, dense=manifest.dense) if manifest else quant
+    for role, name in stated.items():
+        quant = quant.with_scheme(role, name) if name is not None else quant
+    return quant
+
+
+def _plan_source(spec: str) -> PlanSource:
+    """A config.json or .gguf path, a model directory, or anything the registry resolves."""
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _gguf_source(path)
     if path.is_file():
         name = path.parent.resolve().name if path.name == "config.json" else path.stem
-        return ModelConfig.from_file(path), name, path.parent
-    from localv3.registry import config_for
+        return PlanSource(ModelConfig.from_file(path), name, path.parent)
+    from localv3.registry import config_for, find_model
 
     local = path if path.is_dir() else _downloaded_dir(spec)
-    return config_for(spec), path.resolve().name if path.is_dir() else spec, local
+    name = path.resolve().name if path.is_dir() else spec
+    if local is not None and not (local / "config.json").is_file() and any(local.glob("*.gguf")):
+        from localv3.engine_choice import find_gguf
+
+        return replace(_gguf_source(find_gguf(str(local))), name=name)
+    entry = find_model(spec)
+    nominal = type_named(entry.precision) if entry is not None and entry.format == "gguf" and local is None else None
+    notes = ()
+    if nominal is not None:
+        notes = (
+            f"{spec} is not downloaded: its routed experts are planned as {nominal} (its precision, {entry.precision}), "
+            f"the rest as q8; pull it to plan the file's own tensor types",
+        )
+    return PlanSource(config_for(spec), name, local, nominal_experts=nominal, notes=notes)
+
+
+def _gguf_source(path: Path) -> PlanSource:
+    gguf = read_gguf(path)
+    return PlanSource(gguf.config, gguf.name, path.parent, gguf=gguf)
 
 
 def _downloaded_dir(spec: str) -> Path | None:
@@ -141,21 +203,24 @@ def _report_hardware(hardware: Hardware) -> None:
 
 
 # ----- tables --------------------------------------------------------------------------------
-def render_plan(result: Plan, shape: ModelShape, console: Console) -> None:
+def render_plan(result: Plan, shape: ModelShape, alternatives: tuple[Alternative, ...], console: Console) -> None:
     quant = ", ".join(
-        f"{role} {name} ({scheme(name).bits_per_weight:.3g} bits)" for role, name in result.quantization.to_dict().items()
+        f"{role} {name} ({result.bits_per_weight[role]:.3g} bits)" for role, name in result.quantization.to_dict().items()
     )
+    params = result.parameters
     console.print(
-        f"[bold]{result.model}[/bold] ({shape.total_elements / 1e9:.1f}B parameters): {quant}; "
-        f"{result.hardware.describe()}",
+        f"[bold]{result.model}[/bold] ({format_count(params.total)} parameters, {format_count(params.active)} active): "
+        f"{quant}; {result.hardware.describe()}",
         soft_wrap=True,
+        highlight=False,
     )
     console.print(_groups_table(result, shape))
-    console.print(_devices_table(result))
     console.print(_kv_table(result))
     console.print(_prediction_table(result))
     for note in result.notes:
         console.print(f"- {note}", soft_wrap=True)
+    for line in picture(result, alternatives):
+        console.print(line, soft_wrap=True, highlight=False)
     console.print(result.summary(), soft_wrap=True, highlight=False)
 
 
@@ -176,19 +241,6 @@ def _groups_table(result: Plan, shape: ModelShape) -> Table:
     table.add_column("bytes", justify="right")
     for (label, device), row in rows.items():
         table.add_row(label, device, f"{row['count']:,}", layer_ranges(sorted(row["layers"])), format_bytes(row["bytes"]))
-    return table
-
-
-def _devices_table(result: Plan) -> Table:
-    table = Table(title="devices")
-    table.add_column("device")
-    table.add_column("hardware")
-    for column in ("capacity", "reserved", "used", "free"):
-        table.add_column(column, justify="right")
-    for d in result.devices:
-        capacity = "-" if d.capacity_bytes is None else format_bytes(d.capacity_bytes)
-        free = "-" if d.free_bytes is None else format_bytes(d.free_bytes)
-        table.add_row(d.name, d.label, capacity, format_bytes(d.reserved_bytes), format_bytes(d.used_bytes), free)
     return table
 
 
