@@ -1,5 +1,8 @@
 """The `localv3` command: a thin typer app. Each command lives in localv3/commands/<name>.py
-and registers itself with `register(app)`; errors reach the user as one line on stderr."""
+and registers itself with `register(app)`; errors reach the user as one line on stderr.
+
+Start-up stays light: command modules import torch, transformers and llama.cpp inside the
+commands that use them, so `--help`, `ls`, `rm`, `pull` and `plan` start without them."""
 
 from __future__ import annotations
 
@@ -17,14 +20,45 @@ import typer  # noqa: E402
 from localv3.commands import register_all  # noqa: E402
 from localv3.errors import LocalV3Error  # noqa: E402
 
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+DEBUG_VARIABLE = "LOCALV3_DEBUG"  # set: unexpected errors print their traceback too
+
 app = typer.Typer(
     name="localv3",
     help="Run DeepSeek-V3-class MoE models on one GPU plus CPU RAM.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 register_all(app)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("localv3")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"localv3 {_version()}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _top_level(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print localv3's version and exit."
+    ),
+) -> None:
+    if ctx.invoked_subcommand is None:  # bare `localv3`: the help, and success
+        print(ctx.get_help())
+        raise typer.Exit()
 
 
 class Terminated(BaseException):
@@ -36,21 +70,52 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _click_exception() -> type[Exception]:
+    """The ClickException class of the click typer runs on: recent typer carries its own copy
+    (typer._click), older typer uses the click package."""
+    return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+def usage_message(exc: Exception) -> str:
+    """One line for a click error: the message (it names the option or argument), and where
+    the command's usage is described."""
+    message = exc.format_message().rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def invoke(args: list[str]) -> None:
+    """Parse `args` and run the command, leaving every outcome to main's handlers (click's own
+    main would turn Ctrl-C into exit 130 without a word, and a closed pipe into exit 1)."""
+    command = typer.main.get_command(app)
+    with command.make_context("localv3", args) as ctx:
+        command.invoke(ctx)
+
+
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
+        if sys.stderr is not None:
+            print("error: standard output is closed; redirect it instead (>/dev/null discards it)", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        # without standalone mode click returns the exit code of an aborted run (130 on Ctrl-C)
-        exit_code = app(standalone_mode=False)
+        invoke(sys.argv[1:])
+        sys.stdout.flush()  # a reader that went away shows here, not after exit as a failed flush
     except LocalV3Error as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(exc), EXIT_ERROR)
     except Terminated:
         print("terminated", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    except (KeyboardInterrupt, typer.Abort):
-        # click turns Ctrl-C into Abort when it does not own the exit (standalone_mode=False)
+        sys.exit(EXIT_TERMINATED)
+    except (KeyboardInterrupt, typer.Abort):  # Abort: a confirmation prompt answered with Ctrl-C
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         # the reader went away (`localv3 run ... | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -61,14 +126,14 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and anything unexpected: still one line
-        import click
+        if isinstance(exc, _click_exception()):
+            _fail(usage_message(exc), exc.exit_code)
+        if os.environ.get(DEBUG_VARIABLE):
+            import traceback
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(exit_code if isinstance(exit_code, int) else 0)
+            traceback.print_exc()
+        _fail(f"{str(exc).strip() or 'unexpected failure'} ({DEBUG_VARIABLE}=1 prints where)", EXIT_ERROR)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ load_planned: the checkpoint's stored schemes on this machine), never a second p
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 import random
 import re
 import resource
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,9 +91,43 @@ class BenchRecord:
     peak_vram_bytes: int | None = None
     predicted_tok_s: float | None = None  # the roofline figure of the plan the engine was built from
     quantization: dict[str, str] | None = None  # that plan's schemes (experts, dense, embeddings)
+    cpu: str | None = None  # the machine's CPU model
+    gpu: str | None = None  # its CUDA device, None without one
+    version: str | None = None  # localv3's
+    test_time: str | None = None  # when the test finished, ISO 8601 UTC
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    cpu: str
+    gpu: str | None
+    version: str
+
+
+@functools.cache
+def machine_info() -> MachineInfo:
+    """What a record says about where it was measured (read once per run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        localv3_version = version("localv3")
+    except PackageNotFoundError:
+        localv3_version = "unknown"
+    cuda = _cuda()
+    return MachineInfo(_cpu_model(), cuda.get_device_name(0) if cuda is not None else None, localv3_version)
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name on Linux, else what the platform module says."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown"
 
 
 def weights_info(path: Path) -> WeightsInfo:
@@ -248,8 +285,9 @@ def bench_engine(
     weights: WeightsInfo,
     settings: BenchSettings,
     progress: Callable[[str], None] = lambda message: None,
-) -> list[BenchRecord]:
-    """Warm up, then the pp test, the tg test and (with settings.mtp) tg with MTP."""
+) -> Iterator[BenchRecord]:
+    """Warm up, then the pp test, the tg test and (with settings.mtp) tg with MTP (test name
+    tgN-mtp); each record is yielded as soon as its test is measured."""
     settings = fit_to_context(settings, engine.max_context, progress)
     rng = random.Random(settings.seed)
     plan = engine_plan(engine)
@@ -257,6 +295,7 @@ def bench_engine(
     p, n, r = settings.n_prompt, settings.n_gen, settings.repetitions
     threads = cpu_threads(engine)
     label = f"{model} [{engine.name}, {threads} threads]"
+    machine = machine_info()
 
     def record(test: str, result: Measurement, **extra) -> BenchRecord:
         return BenchRecord(
@@ -274,6 +313,10 @@ def bench_engine(
             placement=engine.placement,
             threads=threads,
             quantization=plan.quantization.to_dict() if plan is not None else None,
+            cpu=machine.cpu,
+            gpu=machine.gpu,
+            version=machine.version,
+            test_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extra,
         )
 
@@ -282,29 +325,24 @@ def bench_engine(
         prompt_test(engine, p, 1, rng)
     if n:
         generation_test(engine, min(n, 8), 1, rng, False)
-    records = []
     if p:
         progress(f"{label}: pp{p} x {r}")
         result = prompt_test(engine, p, r, rng)
-        records.append(
-            record(
-                f"pp{p}",
-                result,
-                ttft_s_mean=_mean(result.latency_s),
-                predicted_tok_s=predicted.prefill_tok_s if predicted else None,
-            )
+        yield record(
+            f"pp{p}",
+            result,
+            ttft_s_mean=_mean(result.latency_s),
+            predicted_tok_s=predicted.prefill_tok_s if predicted else None,
         )
     if n:
         progress(f"{label}: tg{n} x {r}")
         plain = generation_test(engine, n, r, rng, False)
-        records.append(
-            record(
-                f"tg{n}",
-                plain,
-                tpot_s_mean=_mean(plain.latency_s),
-                experts_read_per_step=_mean(plain.experts_per_step),
-                predicted_tok_s=predicted.decode_tok_s if predicted else None,
-            )
+        yield record(
+            f"tg{n}",
+            plain,
+            tpot_s_mean=_mean(plain.latency_s),
+            experts_read_per_step=_mean(plain.experts_per_step),
+            predicted_tok_s=predicted.decode_tok_s if predicted else None,
         )
         if settings.mtp:
             progress(f"{label}: tg{n} with MTP x {r}")
@@ -313,17 +351,14 @@ def bench_engine(
             if acceptance is None:
                 progress(f"{label}: this engine did not speculate; no MTP row")
             else:
-                records.append(
-                    record(
-                        f"tg{n}",
-                        spec,
-                        tpot_s_mean=_mean(spec.latency_s),
-                        experts_read_per_step=_mean(spec.experts_per_step),
-                        mtp=True,
-                        mtp_acceptance=acceptance,
-                        mtp_speedup=_mean(spec.tok_s) / _mean(plain.tok_s),
-                        mtp_tokens_per_step=_mean(spec.tokens_per_step),
-                        predicted_tok_s=predicted.mtp_decode_tok_s if predicted else None,
-                    )
+                yield record(
+                    f"tg{n}-mtp",
+                    spec,
+                    tpot_s_mean=_mean(spec.latency_s),
+                    experts_read_per_step=_mean(spec.experts_per_step),
+                    mtp=True,
+                    mtp_acceptance=acceptance,
+                    mtp_speedup=_mean(spec.tok_s) / _mean(plain.tok_s),
+                    mtp_tokens_per_step=_mean(spec.tokens_per_step),
+                    predicted_tok_s=predicted.mtp_decode_tok_s if predicted else None,
                 )
-    return records

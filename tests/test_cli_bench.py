@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cli import app
 from localv3.bench import BenchError, BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
 from localv3.commands.bench import markdown_table
+from localv3.commands.json_output import rounded
 from localv3.errors import LocalV3Error
 
 runner = CliRunner()
@@ -133,13 +134,13 @@ def test_mtp_rows_report_acceptance_and_speedup(monkeypatch, chat_model_dir):
     result = bench(str(chat_model_dir), *SMALL, "--mtp", "--json")
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
-    assert [(r["test"], r["mtp"]) for r in records] == [("pp8", False), ("tg4", False), ("tg4", True)]
+    assert [(r["test"], r["mtp"]) for r in records] == [("pp8", False), ("tg4", False), ("tg4-mtp", True)]
     assert records[2]["mtp_acceptance"] == 0.6 and records[2]["mtp_speedup"] == pytest.approx(1.0)
     assert records[2]["experts_read_per_step"] == 9.5 and records[2]["mtp_tokens_per_step"] == 1.6
     speculative = [call["speculative"] for call in engine.calls]
     assert True in speculative and set(speculative) == {False, True}  # the baseline never speculates
     table = bench(str(chat_model_dir), *SMALL, "--mtp")
-    assert " tg4 mtp " in table.stdout and " 60% " in table.stdout
+    assert " tg4-mtp " in table.stdout and " 60% " in table.stdout
     assert "tok/step" in table.stdout and " 1.60 " in table.stdout and " 9.5 " in table.stdout
 
 
@@ -193,8 +194,8 @@ def test_prediction_is_the_loaded_plans_on_the_stored_schemes(monkeypatch, quant
     for record in (pp, tg):
         assert record["quantization"] == {"experts": "q4", "dense": "q8", "embeddings": "bf16"}
         assert "(q4); dense q8" in record["placement"]
-    assert pp["predicted_tok_s"] == engine.plan.predicted.prefill_tok_s
-    assert tg["predicted_tok_s"] == engine.plan.predicted.decode_tok_s
+    assert pp["predicted_tok_s"] == rounded(engine.plan.predicted.prefill_tok_s)
+    assert tg["predicted_tok_s"] == rounded(engine.plan.predicted.decode_tok_s)
 
 
 def test_every_thread_count_runs_every_test(chat_model_dir):
@@ -281,10 +282,29 @@ def test_llama_cpp_engine_loads_once_per_thread_count(chat_model_with_gguf):
 
 
 def test_model_without_gguf_fails_before_measuring(chat_model_dir):
-    result = bench(str(chat_model_dir), *SMALL, "--engine", "native,llama.cpp")
+    result = bench(str(chat_model_dir), *SMALL, "--engine", "llama.cpp")
     assert result.exit_code == 1
     assert isinstance(result.exception, LocalV3Error) and "no GGUF file" in str(result.exception)
     assert "warm-up" not in result.stderr
+
+
+def test_an_engine_that_cannot_run_is_skipped_with_its_reason(chat_model_dir):
+    """native,llama.cpp on a model without a GGUF: the native rows, and one line on why llama.cpp has none."""
+    result = bench(str(chat_model_dir), *SMALL, "--engine", "native,llama.cpp", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(r["engine"], r["test"]) for r in json.loads(result.stdout)] == [("native", "pp8"), ("native", "tg4")]
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and f"{chat_model_dir} [llama.cpp]: " in skipped[0] and "no GGUF file" in skipped[0]
+
+
+def test_llama_cpp_engine_without_llama_cpp_python_is_skipped(monkeypatch, chat_model_with_gguf):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails as when it is not installed
+    result = bench(str(chat_model_with_gguf), "-p", "4", "-n", "0", "-r", "1", "--engine", "native,llama.cpp", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["engine"] for r in json.loads(result.stdout)] == ["native"]
+    assert "skipped" in result.stderr and "pip install 'localv3[llama]'" in result.stderr
+    alone = bench(str(chat_model_with_gguf), "-p", "4", "-n", "0", "-r", "1", "--engine", "llama.cpp")
+    assert alone.exit_code == 1 and "llama-cpp-python: pip install 'localv3[llama]'" in str(alone.exception)
 
 
 def test_native_engine_refuses_a_gguf_file(tmp_path):

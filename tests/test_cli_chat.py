@@ -8,6 +8,7 @@ import shutil
 
 import pexpect
 import pytest
+from cli_entry import LOCALV3
 from fixtures_cli import ScriptedEngine, scripted_loader
 from rich.console import Console
 from typer.testing import CliRunner
@@ -272,7 +273,7 @@ def test_model_without_tokenizer_cannot_chat(tmp_path):
 def test_chat_in_a_pseudo_terminal(chat_model_dir, tmp_path):
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", LOCALV3_HOME=str(tmp_path), TERM="xterm")
     args = ["chat", str(chat_model_dir), "--temperature", "0", "--max-tokens", "100000"]
-    child = pexpect.spawn("localv3", args, env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
+    child = pexpect.spawn(str(LOCALV3), args, env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
     try:
         child.expect(">>>")
         child.sendline("/set temperature 0")

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
+from cli_entry import LOCALV3, one_error_line, run_main
 from fixtures_cli import scripted_loader
 from typer.testing import CliRunner
 
-import cli
 from cli import app
 
 runner = CliRunner()
-FINAL_KEYS = {"prompt_tokens", "completion_tokens", "prompt_tok_s", "decode_tok_s", "ttft_s", "finish_reason"}
-
-
-def run_main(monkeypatch, capsys, args: list[str], stdin: bytes = b"") -> tuple[int, str, str]:
-    """The real entry point (cli.main, as the console script runs it): exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["localv3", *args])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+FINAL_KEYS = {
+    "done", "model", "text", "prompt_tokens", "completion_tokens", "prompt_tok_s", "decode_tok_s", "ttft_s", "finish_reason"
+}
 
 
 # ----- the real model: stdout holds the answer and nothing else -------------------------------
@@ -270,10 +253,11 @@ def test_unknown_engine(monkeypatch, capsys, chat_model_dir):
 
 
 def test_closed_pipe_is_quiet(chat_model_dir):
-    shell = f"echo hi | localv3 run '{chat_model_dir}' --temperature 0 --max-tokens 60 | head -c 1"
+    """The reader goes away after one byte: no message, and success (pipefail sees localv3's exit)."""
+    shell = f"set -o pipefail; echo hi | '{LOCALV3}' run '{chat_model_dir}' --temperature 0 --max-tokens 60 | head -c 1"
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
     assert len(done.stdout) == 1
-    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+    assert done.stderr == "" and done.returncode == 0, done.stderr
 
 
 def test_an_unwritable_home_costs_warnings_not_the_answer(chat_model_dir, monkeypatch, capsys, tmp_path):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
+
+from localv3.commands.json_output import rounded
+from localv3.errors import LocalV3Error
 
 if TYPE_CHECKING:
     from localv3.bench import BenchRecord, BenchSettings, WeightsInfo
@@ -59,7 +62,7 @@ def table_rows(records: list[BenchRecord]) -> list[list[str]]:
                 r.engine,
                 r.placement,
                 str(r.threads),
-                f"{r.test} mtp" if r.mtp else r.test,
+                r.test,
                 speed,
                 optional(r.ttft_s_mean, format_duration),
                 optional(r.tpot_s_mean, format_duration),
@@ -101,9 +104,10 @@ def _measure_load(
     n_threads: int | None,
     settings: BenchSettings,
     progress: Callable[[str], None],
-) -> list[BenchRecord]:
+) -> Iterator[BenchRecord]:
     """Load `model` on `engine` with `n_threads` CPU threads (None: the engine's default; both
-    engines take their threads at load) and measure it; peak memory is this load's."""
+    engines take their threads at load) and measure it, record by record; peak memory is this
+    load's, up to the end of the record's test."""
     from localv3.bench import PeakMemory, bench_engine
     from localv3.engine_choice import open_engine
 
@@ -113,12 +117,44 @@ def _measure_load(
     progress(f"loading {model} [{engine}{threads_note}]")
     max_context = max(settings.n_prompt, settings.n_gen + 1) + 2
     loaded = open_engine(model, engine, max_context=max_context, with_mtp=settings.mtp, threads=n_threads)
-    records = bench_engine(loaded, model, weights, settings, progress)
-    peak_rss, peak_vram = memory.rss_bytes(), memory.vram_bytes()
-    for record in records:
-        record.peak_rss_bytes, record.peak_vram_bytes = peak_rss, peak_vram
+    for record in bench_engine(loaded, model, weights, settings, progress):
+        record.peak_rss_bytes, record.peak_vram_bytes = memory.rss_bytes(), memory.vram_bytes()
+        yield record
     del loaded
     gc.collect()
+
+
+def runnable_jobs(
+    models: list[str], engines: list[str], say: Callable[[str], None]
+) -> list[tuple[str, str, WeightsInfo]]:
+    """(model, engine, weights) for every pair that can be measured, found before minutes of
+    measuring; a pair that cannot (no GGUF, llama-cpp-python missing) is skipped with its
+    reason, and when none can, the reasons are the error."""
+    from localv3.bench import BenchError, weights_info
+    from localv3.commands.extras import require_llama_cpp
+    from localv3.engine_choice import weights_path
+
+    jobs, reasons = [], []
+    for model in models:
+        for engine in engines:
+            try:
+                if engine == "llama.cpp":
+                    require_llama_cpp("the llama.cpp engine")
+                jobs.append((model, engine, weights_info(weights_path(model, engine))))
+            except LocalV3Error as exc:
+                reasons.append(f"{model} [{engine}]: {exc}" if len(models) * len(engines) > 1 else str(exc))
+    if not jobs:
+        raise BenchError("; ".join(reasons))
+    for reason in reasons:
+        say(f"skipped {reason}")
+    return jobs
+
+
+def print_records(records: list[BenchRecord], json_output: bool) -> None:
+    if json_output:
+        print(json.dumps([rounded(r.to_dict()) for r in records], indent=2))
+    else:
+        print(markdown_table(records))
     return records
 
 
@@ -153,10 +189,10 @@ def bench(
         bool, typer.Option("--json", help="Print a JSON list of records instead of the table.")
     ] = False,
 ) -> None:
-    """Measure prefill (ppP) and decode (tgN) speed, llama-bench style."""
-    from localv3.bench import BenchError, BenchSettings, parse_thread_counts, weights_info
+    """Measure prefill (ppP) and decode (tgN) speed, llama-bench style (Ctrl-C prints the rows measured so far)."""
+    from localv3.bench import BenchError, BenchSettings, parse_thread_counts
     from localv3.commands.options import DEFAULT_MODEL
-    from localv3.engine_choice import parse_engine_list, weights_path
+    from localv3.engine_choice import parse_engine_list
 
     if not n_prompt and not n_gen:
         raise BenchError("nothing to measure: -p and -n are both 0")
@@ -168,19 +204,17 @@ def bench(
     def progress(message: str) -> None:
         err.print(Text(message, style="dim"))
 
-    # find every model's weights first, so a missing GGUF fails before minutes of measuring
-    jobs = [
-        (model, engine, weights_path(model, engine)) for model in models or [DEFAULT_MODEL] for engine in engine_names
-    ]
+    jobs = runnable_jobs(models or [DEFAULT_MODEL], engine_names, lambda line: err.print(Text(line)))
     records = []
-    for model, engine, weights in jobs:
-        info = weights_info(weights)
-        for n_threads in thread_counts:
-            records.extend(_measure_load(model, engine, info, n_threads, settings, progress))
-    if json_output:
-        print(json.dumps([r.to_dict() for r in records], indent=2))
-    else:
-        print(markdown_table(records))
+    try:
+        for model, engine, info in jobs:
+            for n_threads in thread_counts:
+                records.extend(_measure_load(model, engine, info, n_threads, settings, progress))
+    except KeyboardInterrupt:
+        if records:
+            print_records(records, json_output)
+        raise
+    print_records(records, json_output)
 
 
 def register(app: typer.Typer) -> None:

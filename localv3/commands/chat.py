@@ -29,10 +29,13 @@ from localv3.commands.options import (
     ModelArgument,
     Mtp,
     Seed,
+    System,
     Temperature,
     TopK,
     TopP,
+    model_and_prompt,
     resolve_sampling,
+    typed_text,
 )
 from localv3.errors import LocalV3Error
 from localv3.render import stats_line
@@ -98,7 +101,12 @@ class ChatRepl:
         self.conversation = Conversation()
         self.context_used = 0
 
-    def loop(self) -> None:
+    def loop(self, first_message: str | None = None) -> None:
+        """Read and answer messages until /bye or end of input; `first_message` (given on the
+        command line) is asked first, as if typed."""
+        if first_message is not None and first_message.strip():
+            self.out.print(Text(PROMPT + first_message))
+            self.ask(first_message)
         multiline = MultilineInput()
         while True:
             try:
@@ -230,7 +238,10 @@ class ChatRepl:
 
 def chat(
     model: ModelArgument = DEFAULT_MODEL,
-    system: Annotated[str | None, typer.Option("--system", "-s", help="The system message.")] = None,
+    message: Annotated[
+        str | None, typer.Argument(help="A first message, answered before the chat goes on.", show_default=False)
+    ] = None,
+    system: System = None,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -243,6 +254,8 @@ def chat(
     """Chat with a model in the terminal (/? lists the commands)."""
     from localv3.engine_choice import open_engine
 
+    model, message = model_and_prompt("chat", model, typed_text(message, "MESSAGE"))
+    system = typed_text(system, "--system")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status(f"loading {model}"):
         loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
@@ -254,7 +267,7 @@ def chat(
         )
     temperature, top_p, top_k = resolve_sampling(loaded.path, temperature, top_p, top_k)
     settings = ChatSettings(temperature, top_p, top_k, seed, max_tokens, system, speculative=mtp)
-    ChatRepl(loaded, settings, Console(highlight=False, soft_wrap=True), err, LineReader()).loop()
+    ChatRepl(loaded, settings, Console(highlight=False, soft_wrap=True), err, LineReader()).loop(message)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from localv3.errors import LocalV3Error, ModelNotFoundError
+
 DEFAULT_MODEL = "tiny"
 FROM_MODEL = "default: the model's generation_config.json"
+# What a model name, NAME:TAG, hub repo id or path can hold; a lone argument with anything else
+# (a space, ?, +, !) is a prompt for the default model.
+MODEL_NAME = re.compile(r"[\w.:/~\-]+")
 
-ModelArgument = Annotated[str, typer.Argument(help="A models.toml name, a hub repo id, or a model directory.")]
+ModelArgument = Annotated[
+    str,
+    typer.Argument(
+        help="A models.toml name, a hub repo id, or a model directory; alone, text that is no model"
+        f" name (it has a space or punctuation) is the prompt for {DEFAULT_MODEL}.",
+        show_default=DEFAULT_MODEL,
+    ),
+]
+System = Annotated[str | None, typer.Option("--system", "-s", help="The system message.")]
 Temperature = Annotated[
     float | None,
     typer.Option("--temperature", "--temp", min=0.0, help=f"Sampling temperature; 0 = greedy ({FROM_MODEL}, else 0.6)."),
@@ -51,3 +66,42 @@ def resolve_sampling(
         defaults.top_p if top_p is None else top_p,
         defaults.top_k if top_k is None else top_k,
     )
+
+
+def model_and_prompt(command: str, model: str, prompt: str | None) -> tuple[str, str | None]:
+    """`localv3 run|chat [MODEL] [PROMPT]` given one argument: MODEL where it names a model,
+    else the prompt for the default model when it cannot be a model name (`run "What is
+    37 + 48?"`); a word that names no model stays an unknown model, with a hint."""
+    if prompt is not None or Path(model).expanduser().exists():
+        return model, prompt
+    from localv3.registry import REPO_ID_PATTERN, find_model, resolve_model_path
+
+    try:
+        resolve_model_path(model)
+    except ModelNotFoundError as exc:
+        if not MODEL_NAME.fullmatch(model):
+            return DEFAULT_MODEL, model
+        if find_model(model) is None and not REPO_ID_PATTERN.fullmatch(model):
+            raise ModelNotFoundError(
+                f"{exc}; a prompt goes after the model: localv3 {command} {DEFAULT_MODEL} {shlex.quote(model)}"
+            ) from None
+    return model, prompt
+
+
+class TextArgumentError(LocalV3Error):
+    pass
+
+
+def typed_text(value: str | None, what: str) -> str | None:
+    """`value` from the command line, refused in one line when it holds bytes that are not
+    UTF-8 (Python keeps such bytes of argv as lone surrogates, which no tokenizer takes)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        offset = len(value[: exc.start].encode("utf-8"))  # bytes before the first bad one
+        escaped = ord(value[exc.start]) - 0xDC00  # surrogate escapes are U+DC80..U+DCFF
+        byte = f"byte 0x{escaped:02x}" if 0x80 <= escaped <= 0xFF else "a character"
+        raise TextArgumentError(f"{what} is not valid UTF-8 ({byte} at offset {offset})") from None
+    return value

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from localv3 import hub, registry
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    from localv3 import hub, registry
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +39,8 @@ def pull_command(
     A dry run comes first (sizes, bytes already cached, free disk), then config and
     tokenizer files, then the weight shards.
     """
+    from localv3 import hub, registry
+
     entry = registry.find_model(model)
     if entry is not None and entry.format == "bundled":
         path = registry.resolve_model_path(entry.name)
@@ -63,6 +67,8 @@ def _request_for(
     exclude: list[str],
     offline: bool,
 ) -> hub.PullRequest:
+    from localv3 import hub, registry
+
     if entry is not None:
         return hub.PullRequest(
             repo_id=entry.repo,
@@ -102,6 +108,8 @@ class _TerminalProgress:
             stop_progress(self.bar, exc_type)
 
     def planned(self, plan: hub.PullPlan) -> None:
+        from localv3 import hub
+
         self.plan = plan
         size = hub.format_bytes
         _say(

@@ -10,14 +10,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from localv3 import registry
-from localv3.registry import resolve_model_dir
-from localv3.quantize import DENSE_CHOICES, EXPERT_CHOICES, QuantizeError, QuantizeSettings, quantize_checkpoint
-from localv3.quantize import Progress as ProgressCallbacks
+from localv3.commands.extras import require_llama_cpp
 from localv3.commands.progress_bar import stop_progress
+from localv3.formats.table import DENSE_SCHEMES as DENSE_CHOICES
+from localv3.formats.table import EXPERT_SCHEMES as EXPERT_CHOICES
 from localv3.render import format_bytes
 
 FORMATS = ("localv3", "gguf")
+UNQUANTIZED_GGUF_TYPES = ("f16", "f32")  # written by localv3 itself; the others by llama.cpp
 
 
 def register(app: typer.Typer) -> None:
@@ -47,21 +47,29 @@ def quantize_command(
     localv3 format: weights in ggml block types for its CPU kernels: q4 = Q4_K (Q4_0 for rows
     not a multiple of 256), q8 = Q8_0; routed experts q4 or q8, attention/shared experts/dense
     FFN q4, q8 or bf16; norms and router unchanged; `localv3 chat OUT`. Needs llama-cpp-python.
-    GGUF: architecture deepseek2 for the llama.cpp engine (`--engine llama.cpp`).
+    GGUF: architecture deepseek2 for the llama.cpp engine (`--engine llama.cpp`); q8_0 and
+    q4_k_m need llama-cpp-python, f16 and f32 do not.
     """
+    from localv3 import registry
+    from localv3.quantize import QuantizeError, QuantizeSettings, quantize_checkpoint
+
     if output_format not in FORMATS:
         raise QuantizeError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     if output_format == "gguf" and (experts or dense):
         raise QuantizeError("--experts/--dense choose the localv3 format's quantisation; use --type with --format gguf")
     if output_format == "localv3" and gguf_type:
         raise QuantizeError("--type chooses a GGUF type; use it with --format gguf")
-    source = resolve_model_dir(model)
+    if output_format == "localv3" and out is not None and out.suffix.lower() == ".gguf":
+        raise QuantizeError(f"--out {out} names a GGUF file: add --format gguf, or give a directory for the localv3 format")
+    if output_format == "gguf":
+        gguf_type = gguf_type or "q4_k_m"
+        require_gguf_quantizer(gguf_type)
+    source = registry.resolve_model_dir(model)
     entry = registry.find_model(model)
     name = entry.name if entry is not None else _name_of(model, source)
     with _TerminalProgress() as progress:
         if output_format == "gguf":
-            gguf_type = gguf_type or "q4_k_m"
-            target = _gguf_target(out, name, gguf_type)
+            target = gguf_target(out, name, gguf_type)
             from localv3.gguf_export import export_gguf
 
             summary = export_gguf(source, target, gguf_type, name, progress.callbacks)
@@ -81,6 +89,18 @@ def quantize_command(
     print(summary.path)
 
 
+def require_gguf_quantizer(gguf_type: str) -> None:
+    """Refuse, before any file is written, a GGUF type that llama.cpp's quantiser writes when
+    llama-cpp-python is missing (f16 and f32 are written without it)."""
+    from localv3.gguf_export import GGUF_TYPES
+    from localv3.quantize import QuantizeError
+
+    if gguf_type not in GGUF_TYPES:
+        raise QuantizeError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    if gguf_type not in UNQUANTIZED_GGUF_TYPES:
+        require_llama_cpp(f"--type {gguf_type}", f"--type {' or '.join(UNQUANTIZED_GGUF_TYPES)} need nothing more")
+
+
 def _name_of(model: str, source: Path) -> str:
     """A directory's model name: a hub snapshot's repo name, else the (resolved) directory's
     name; refused where `ls` and `rm` could not handle it (empty, or starting with - or .)."""
@@ -89,6 +109,8 @@ def _name_of(model: str, source: Path) -> str:
     else:
         name = (source.name if Path(model).expanduser().is_dir() else model.split("/")[-1]).lower()
     if not name or name.startswith(("-", ".")):
+        from localv3.quantize import QuantizeError
+
         raise QuantizeError(f"cannot name the output after {model!r} ({source}); choose one with --out")
     return name
 
@@ -100,11 +122,17 @@ def _revision(source: Path, entry) -> str | None:
     return entry.revision if entry is not None else None
 
 
-def _gguf_target(out: Path | None, name: str, gguf_type: str) -> Path:
+def gguf_target(out: Path | None, name: str, gguf_type: str) -> Path:
+    """The GGUF file to write: NAME-TYPE.gguf in the outputs (or the --out directory), or --out
+    itself, given the .gguf suffix that the llama.cpp engine looks for if it lacks one."""
+    from localv3 import registry
+
     file_name = f"{name}-{gguf_type}.gguf"
     if out is None:
         return registry.outputs_dir() / file_name
-    return out / file_name if out.is_dir() else out
+    if out.is_dir():
+        return out / file_name
+    return out if out.suffix.lower() == ".gguf" else out.with_name(out.name + ".gguf")
 
 
 class _TerminalProgress:
@@ -122,6 +150,8 @@ class _TerminalProgress:
         )
         self.task = None
         self.done = 0
+        from localv3.quantize import Progress as ProgressCallbacks
+
         self.callbacks = ProgressCallbacks(start=self._start, advance=self._advance)
 
     def __enter__(self) -> _TerminalProgress:

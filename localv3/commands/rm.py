@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localv3 import hub, registry
-from localv3.commands.ls import stored_models
+from localv3.commands.ls import matches, stored_models
 from localv3.errors import LocalV3Error, ModelNotFoundError
 
 
@@ -24,8 +23,12 @@ def rm_command(
 
     Every copy the name matches (hub download, quantized output) is listed, then deleted.
     """
+    from localv3 import hub, registry
+
     entry = registry.find_model(model)
-    targets = [stored for stored in stored_models() if _matches(stored, model, entry)]
+    targets = [stored for stored in stored_models() if matches(stored, model, entry)]
+    if not targets and entry is not None and entry.format == "bundled":
+        raise LocalV3Error(f"{entry.name} is bundled with localv3 (part of the installation), so there is nothing to remove")
     if not targets:
         raise ModelNotFoundError(f"{model!r} is not on disk (`localv3 ls` lists what is)")
     for target in targets:
@@ -38,10 +41,3 @@ def rm_command(
         hub.remove_stored_model(target)
         print(target.path)
 
-
-def _matches(stored: hub.StoredModel, spec: str, entry: registry.ModelEntry | None) -> bool:
-    if spec in (stored.name, stored.repo_id):
-        return True
-    if entry is None:
-        return False
-    return stored.name == entry.name or (stored.source == "hub" and stored.repo_id == entry.repo)

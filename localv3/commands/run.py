@@ -17,11 +17,15 @@ from localv3.commands.options import (
     ModelArgument,
     Mtp,
     Seed,
+    System,
     Temperature,
     TopK,
     TopP,
+    model_and_prompt,
     resolve_sampling,
+    typed_text,
 )
+from localv3.commands.json_output import rounded
 from localv3.errors import LocalV3Error
 
 if TYPE_CHECKING:
@@ -32,8 +36,13 @@ class PromptError(LocalV3Error):
     pass
 
 
-def read_prompt(prompt: str | None, stdin: BinaryIO | None) -> str:
-    """stdin's text (when given) followed by PROMPT; errors on invalid UTF-8 or an empty prompt."""
+def read_prompt(prompt: str | None, stdin: BinaryIO | None, model: str = DEFAULT_MODEL) -> str:
+    """stdin's text (when given) followed by PROMPT; errors on invalid UTF-8 or an empty prompt
+    (and with neither, at a terminal, says how to ask or chat)."""
+    if stdin is None and prompt is None:
+        raise PromptError(
+            f'no prompt: `localv3 run {model} "What is 2 + 3?"` answers one, `localv3 chat {model}` starts a chat'
+        )
     parts = []
     if stdin is not None:
         data = stdin.read()
@@ -59,11 +68,15 @@ def piped_stdin() -> BinaryIO | None:
     return sys.stdin.buffer
 
 
-def final_record(stats: GenerationStats) -> dict:
-    """The last --json line: the run's statistics (and the MTP acceptance when it speculated)."""
+def final_record(stats: GenerationStats, model: str, text: str) -> dict:
+    """The last --json line: done, the model, the whole answer, the run's statistics (and the
+    MTP acceptance when it speculated), floats rounded."""
     from localv3.render import mtp_acceptance
 
     record = {
+        "done": True,
+        "model": model,
+        "text": text,
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "prompt_tok_s": stats.prompt_tok_s,
@@ -76,7 +89,7 @@ def final_record(stats: GenerationStats) -> dict:
         record["mtp_acceptance"] = acceptance
         record["mtp_tokens_per_step"] = stats.speculation.get("tokens_per_step")
         record["mtp_experts_read_per_step"] = stats.speculation.get("experts_read_per_step")
-    return record
+    return rounded(record)
 
 
 def _write(text: str) -> None:
@@ -88,8 +101,12 @@ def run(
     model: ModelArgument = DEFAULT_MODEL,
     prompt: Annotated[str | None, typer.Argument(help="The prompt; piped stdin goes before it.")] = None,
     json_lines: Annotated[
-        bool, typer.Option("--json", help='JSON lines: {"text": ...} pieces, then the stats.')
+        bool,
+        typer.Option(
+            "--json", help='JSON lines: {"text": ...} pieces, then {"done": true, "model", "text", stats}.'
+        ),
     ] = False,
+    system: System = None,
     max_tokens: MaxTokens = None,
     temperature: Temperature = None,
     top_k: TopK = None,
@@ -113,7 +130,11 @@ def run(
     from localv3.generate import final_stats
     from localv3.render import mtp_acceptance, verbose_lines
 
-    text = read_prompt(prompt, piped_stdin())
+    model, prompt = model_and_prompt("run", model, typed_text(prompt, "PROMPT"))
+    system = typed_text(system, "--system")
+    if raw and system:
+        raise PromptError("--system goes into the chat template, which --raw leaves out")
+    text = read_prompt(prompt, piped_stdin(), model)
     started = time.perf_counter()
     loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
     load_s = time.perf_counter() - started
@@ -122,24 +143,23 @@ def run(
     if raw:
         token_ids = loaded.tokenizer.encode(text)
     else:
-        token_ids = loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
+        system_message = [{"role": "system", "content": system}] if system else []
+        token_ids = loaded.tokenizer.encode_chat([*system_message, {"role": "user", "content": text}])
     temperature, top_p, top_k = resolve_sampling(loaded.path, temperature, top_p, top_k)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stats = None
-    answer_ended_with_newline = True
+    answer = []
     for chunk in loaded.stream_generate(
         token_ids, max_new_tokens=max_tokens or loaded.max_context, speculative=mtp, **sampling
     ):
         if chunk.stats is not None:
             stats = chunk.stats
-        elif chunk.text and json_lines:
-            _write(json.dumps({"text": chunk.text}, ensure_ascii=False) + "\n")
         elif chunk.text:
-            _write(chunk.text)
-            answer_ended_with_newline = chunk.text.endswith("\n")
+            answer.append(chunk.text)
+            _write(json.dumps({"text": chunk.text}, ensure_ascii=False) + "\n" if json_lines else chunk.text)
     if json_lines:
-        _write(json.dumps(final_record(stats)) + "\n")
-    elif not answer_ended_with_newline:
+        _write(json.dumps(final_record(stats, model, "".join(answer)), ensure_ascii=False) + "\n")
+    elif answer and not answer[-1].endswith("\n"):
         _write("\n")
     if verbose:
         total_s = time.perf_counter() - started
