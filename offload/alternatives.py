@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from localv3.render import format_bytes
 from offload.hardware import Hardware
+from offload.layout import DISK
 from offload.planner import Plan, PlanError, Policy, plan
 from offload.profiles import load_profiles
 from offload.quant import Quantization
@@ -21,9 +22,10 @@ from offload.units import format_rate
 class Alternative:
     change: str  # "2x RAM bandwidth (922 GB/s)"
     decode_tok_s: float | None  # None: the model does not fit that way
+    experts_on_disk: bool = False  # some routed experts would be read from disk
 
     def to_dict(self) -> dict:
-        return {"change": self.change, "decode_tok_s": self.decode_tok_s}
+        return {"change": self.change, "decode_tok_s": self.decode_tok_s, "experts_on_disk": self.experts_on_disk}
 
 
 def what_would_change(result: Plan, shape: ModelShape, policy: Policy) -> tuple[Alternative, ...]:
@@ -33,7 +35,7 @@ def what_would_change(result: Plan, shape: ModelShape, policy: Policy) -> tuple[
         _bigger_gpu(hw) + (quant,),
         _other_experts(quant, hw),
     ]
-    return tuple(Alternative(change, _decode_tok_s(shape, q, h, context, policy)) for change, h, q in variants)
+    return tuple(_alternative(change, shape, q, h, context, policy) for change, h, q in variants)
 
 
 def _bigger_gpu(hw: Hardware) -> tuple[str, Hardware]:
@@ -50,8 +52,9 @@ def _other_experts(quant: Quantization, hw: Hardware) -> tuple[str, Hardware, Qu
     return f"routed experts in {scheme}", hw, quant.with_scheme("experts", scheme)
 
 
-def _decode_tok_s(shape: ModelShape, quant: Quantization, hw: Hardware, context: int, policy: Policy) -> float | None:
+def _alternative(change: str, shape: ModelShape, quant: Quantization, hw: Hardware, context: int, policy: Policy) -> Alternative:
     try:
-        return plan(shape, quant, hw, context, policy).predicted.decode_tok_s
+        result = plan(shape, quant, hw, context, policy)
     except PlanError:
-        return None
+        return Alternative(change, None)
+    return Alternative(change, result.predicted.decode_tok_s, bool(result.layout.count_experts(DISK)))

@@ -487,6 +487,7 @@ def test_what_would_change_it_replans_one_step_away(v3):
     assert gpu.change == "a 48.00 GiB GPU" and gpu.decode_tok_s > result.predicted.decode_tok_s
     q8 = plan(v3, Quantization(experts="q8"), hardware, 8192, policy).predicted.decode_tok_s
     assert experts.change == "routed experts in q8" and experts.decode_tok_s == q8
+    assert experts.experts_on_disk and not bandwidth.experts_on_disk  # q8 experts outgrow 512 GiB
     no_gpu = plan(v3, Quantization(), machine("cpu-only"), 8192, policy)
     assert what_would_change(no_gpu, v3, policy)[1].change == "a 24.00 GiB GPU (NVIDIA GeForce RTX 4090)"
     small = plan(v3, Quantization(), machine(ram=384 * GiB), 8192, Policy(allow_disk=False))

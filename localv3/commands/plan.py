@@ -102,7 +102,7 @@ def plan_command(
         cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe,
         gpu_experts=gpu_experts,
-        include_mtp=mtp,
+        include_mtp=mtp and source.runs_mtp,
         allow_disk=disk,
         routing_profile=load_profile(profile_path) if profile_path else None,
     )
@@ -131,6 +131,11 @@ class PlanSource:
     gguf: GgufModel | None = None
     nominal_experts: str | None = None  # a GGUF entry not pulled yet: the ggml type of its precision
     notes: tuple[str, ...] = ()
+
+    @property
+    def runs_mtp(self) -> bool:
+        """The llama.cpp engine, which runs GGUFs, has no MTP speculation."""
+        return self.gguf is None and self.nominal_experts is None
 
 
 def _planned_quantization(source: PlanSource, shape: ModelShape, stated: dict[str, str | None]) -> Quantization:

@@ -79,6 +79,8 @@ def _alternatives_line(alternatives: tuple[Alternative, ...]) -> Text:
         speed = "does not fit" if alternative.decode_tok_s is None else f"{alternative.decode_tok_s:.2f} tok/s"
         line.append(("; " if i else "") + f"{alternative.change} -> ")
         line.append(speed, style="bold")
+        if alternative.experts_on_disk:
+            line.append(" (experts read from disk)")
     return line
 
 
