@@ -277,3 +277,37 @@ def test_a_model_name_the_file_system_cannot_hold_is_unknown_not_an_os_error(nam
         localv3.load(name)
     assert message in str(error.value)
     assert "Errno" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--gpu-mem", "1e300GiB", "--gpu-mem: '1e300GiB' is too large for a size"),
+        ("--ram", "1e400G", "--ram: '1e400G' is too large for a size"),
+        ("--gpu-mem", "nan", "--gpu-mem: 'nan' is not a size"),
+        ("--cpu-bw", "inf", "--cpu-bw: 'inf' is not a bandwidth"),
+        ("--gpu-mem", "-24GiB", "--gpu-mem: '-24GiB' is not a size"),
+        ("--gpu-mem", "24", "--gpu-mem: '24' has no unit"),
+        ("--pcie", "0", "--pcie must be above zero"),
+    ],
+)
+def test_absurd_stated_hardware_is_one_line_not_an_overflow(option, value, message):
+    result = runner.invoke(app, ["plan", "deepseek-v3", option, value])
+    assert result.exit_code != 0 and isinstance(result.exception, localv3.LocalV3Error), result.exception
+    assert str(result.exception).startswith(message) and "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize("corrupt", [0, -1, "fast", None, float("nan"), [1]])
+def test_a_corrupt_hardware_cache_is_measured_again_not_a_crash(tmp_path, monkeypatch, corrupt):
+    from offload import hardware
+    from offload.kernel_probe import CpuKernels
+
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path))
+    monkeypatch.setattr(hardware, "measure_cpu", lambda: (20e9, 100e9))
+    monkeypatch.setattr(hardware, "measure_cpu_kernels", lambda cpu_bw: CpuKernels())
+    assert runner.invoke(app, ["plan", "tiny", "--json"]).exit_code == 0
+    cache = tmp_path / "hardware.json"
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "cpu_bw": corrupt, "cpu_flops": corrupt}))
+    result = runner.invoke(app, ["plan", "tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["hardware"]["cpu_bw"] == 20e9
