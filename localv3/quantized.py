@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from localv3.checkpoint import CheckpointReader
 from localv3.errors import CheckpointError
-from localv3.formats.blocks import QuantizedWeight
 from localv3.formats.table import BlockType, QuantError, block_type
+
+if TYPE_CHECKING:  # torch is imported where weights are read: `plan` reads only the manifest
+    from localv3.checkpoint import CheckpointReader
+    from localv3.formats.blocks import QuantizedWeight
 
 MANIFEST_NAME = "localv3_manifest.json"
 MANIFEST_VERSION = 2  # 1: torch int4/int8 layouts with separate scales, no longer read
@@ -88,6 +89,10 @@ def quantized_expectations(
 
 def read_quantized(reader: CheckpointReader, weight_name: str, stored: BlockType, in_features: int) -> QuantizedWeight:
     """A weight of `in_features` columns stored as `stored` blocks."""
+    import torch
+
+    from localv3.formats.blocks import QuantizedWeight
+
     data = reader.get(qweight_name(weight_name))
     if data.dtype != torch.uint8 or data.shape[-1] != stored.row_bytes(in_features):
         raise CheckpointError(
