@@ -12,7 +12,6 @@ load_planned: the checkpoint's stored schemes on this machine), never a second p
 from __future__ import annotations
 
 import functools
-import math
 import platform
 import random
 import re
@@ -137,21 +136,15 @@ def weights_info(path: Path) -> WeightsInfo:
 
         tensors = GGUFReader(str(path)).tensors
         return WeightsInfo(path.stat().st_size, sum(int(t.n_elements) for t in tensors))
-    from localv3.checkpoint import SCALE_SUFFIX, CheckpointReader
-    from localv3.quantized import QUANTIZED_SUFFIX, read_manifest
+    from localv3.checkpoint import CheckpointReader
+    from localv3.config import ModelConfig
+    from offload.shape import ModelShape
 
-    tensors = CheckpointReader(path).tensors.values()
-    manifest = read_manifest(path)
-    params = 0
-    for t in tensors:
-        if t.name.endswith(SCALE_SUFFIX):
-            continue
-        stored = manifest.format_of(t.name.removesuffix(QUANTIZED_SUFFIX) + ".weight") if manifest else None
-        if t.name.endswith(QUANTIZED_SUFFIX) and stored is not None:  # blocks: bytes -> weights
-            params += t.shape[0] * (t.shape[1] // stored.block_bytes * stored.block)
-        else:
-            params += math.prod(t.shape)
-    return WeightsInfo(sum(t.nbytes for t in tensors), params)
+    tensors = CheckpointReader(path).tensors
+    config = ModelConfig.from_file(path)
+    with_mtp = any(name.startswith(f"model.layers.{config.num_hidden_layers}.") for name in tensors)
+    params = ModelShape.from_config(config).parameter_count(with_mtp).total  # as `show` and `plan` count them
+    return WeightsInfo(sum(t.nbytes for t in tensors.values()), params)
 
 
 class PeakMemory:

@@ -21,7 +21,6 @@ compute, ...) and its component (GPU, CPU experts, CPU layers, disk, PCIe, fixed
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 from dataclasses import dataclass
 

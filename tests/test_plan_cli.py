@@ -269,9 +269,18 @@ def test_bar_cells_add_up_and_show_every_part(seed):
     assert all(c >= 1 for c, v in zip(cells, values) if v > 0) and all(c == 0 for c, v in zip(cells, values) if v == 0)
 
 
-def test_plan_reports_the_parameter_count_show_reports():
+def test_plan_show_and_bench_report_one_parameter_count(tmp_path):
+    from localv3.bench import weights_info
+    from localv3.synthetic import write_checkpoint
+    from model_configs import TINY_V3
+
     shown = json.loads(runner.invoke(app, ["show", "tiny", "--json"]).stdout)
     planned = plan_json("tiny", "--profile", "cpu-only")
     assert planned["parameters"] == {"total": shown["params_total"], "active": shown["params_active"]}
+    tiny_dir = Path(shown["path"])
+    assert weights_info(tiny_dir).params == shown["params_total"]  # the MTP layer's copies of the head not counted twice
+    without_mtp = write_checkpoint(tmp_path / "no-mtp", {**TINY_V3, "num_nextn_predict_layers": 0})
+    shown = json.loads(runner.invoke(app, ["show", str(without_mtp), "--json"]).stdout)
+    assert weights_info(without_mtp).params == shown["params_total"] == plan_json(str(without_mtp))["parameters"]["total"]
     out = runner.invoke(app, ["plan", "tiny", "--profile", "cpu-only"]).stdout
     assert out.startswith("tiny (2.76 M parameters, 1.43 M active)")
