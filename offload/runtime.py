@@ -300,7 +300,7 @@ class PlannedEngine(NativeEngine):
         return f"planned ({gpu}): {layers}; experts {experts or 'none'} ({quant.experts}); dense {quant.dense}; {dtype}"
 
     def step_strategy(self, speculative: bool | None):
-        """MTP speculation by default only where the plan predicts it pays (DESIGN section 4):
+        """MTP speculation by default only where the plan predicts it pays:
         with experts in RAM, each verified draft reads more experts per step."""
         if speculative is None:
             predicted = self.plan.predicted
