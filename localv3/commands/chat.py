@@ -190,10 +190,12 @@ class ChatRepl:
             )
 
     def answer(self) -> tuple[list[int], Answer]:
-        """Render the conversation, check it fits, and stream the answer (Ctrl-C ends it early)."""
+        """Encode the conversation as `run` and `serve` do (typed text that spells a control token
+        stays text), check it fits, and stream the answer (Ctrl-C ends it early)."""
         tokenizer = self.engine.tokenizer
-        rendered = tokenizer.render_chat(self.conversation.messages(self.settings.system))
-        prompt_ids = tokenizer.encode(rendered, add_bos=False)
+        messages = self.conversation.messages(self.settings.system)
+        rendered = tokenizer.render_chat(messages)
+        prompt_ids = tokenizer.encode_chat(messages)
         if len(prompt_ids) >= self.engine.max_context:
             raise ContextFullError(
                 f"The conversation ({len(prompt_ids)} tokens) no longer fits the {self.engine.max_context}-token "
