@@ -3,7 +3,7 @@
     python benchmarks/decode_op_count.py [--dtype float32] [--context 64] [--repeats 30]
                                          [--threads 2] [--hidden 1024] [--heads 16] [--json out.json]
 
-A decode step on a small model is dispatch-bound (DESIGN.md 4b): its time is the number of
+A decode step on a small model is dispatch-bound (docs/ARCHITECTURE.md): its time is the number of
 aten ops times a few microseconds. This counts every op that reaches the dispatcher (views
 included) with a TorchDispatchMode, split by where it ran: per dense layer and per MoE layer
 (averaged over the layers of each kind), the MTP step (embedding, eh_proj, its block, norm,

@@ -49,7 +49,7 @@ KIMI_K2_STYLE = {
     "rope_theta": 50000.0,
 }
 
-# DeepSeek-V3's published config (DESIGN.md section 3)
+# DeepSeek-V3's published config (docs/ARCHITECTURE.md, DeepSeek-V3 at a glance)
 DEEPSEEK_V3_FULL = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "model_type": "deepseek_v3",

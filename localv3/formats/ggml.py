@@ -3,7 +3,7 @@ ships), for matrices stored in ggml block types (Q8_0, Q4_K, ...).
 
 Why ggml: its quantised dot products (activations quantised to 8 bits, integer SIMD dot
 products, its own thread pool) read block-quantised weights near memory bandwidth, where
-torch's CPU weight-only kernels are compute-bound (DESIGN.md section 4b).
+torch's CPU weight-only kernels are compute-bound (docs/ARCHITECTURE.md, the CPU kernels).
 
 How it is used: a `Graph` is built once for fixed shapes. Its weight, input and output tensors
 point at torch tensors' memory (`ggml_backend_cpu_buffer_from_ptr` + `ggml_backend_tensor_alloc`),
