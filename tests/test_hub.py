@@ -541,7 +541,7 @@ def test_ls_lists_hub_downloads_and_quantized_outputs(fake_hub, tmp_path):
     listed = run("ls", "--json")
     assert listed.exit_code == 0, listed.output
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
-    assert set(rows) == {"fake-moe", "fake-moe-q4"}
+    assert set(rows) == {"tiny", "fake-moe", "fake-moe-q4"} and rows["tiny"]["source"] == "bundled"
     assert rows["fake-moe"]["repo_id"] == REPO
     assert rows["fake-moe"]["quant"] == "bf16"
     assert rows["fake-moe"]["complete"] is True
@@ -562,7 +562,7 @@ def test_ls_lists_hub_downloads_and_quantized_outputs(fake_hub, tmp_path):
 def test_ls_marks_an_interrupted_pull_incomplete(fake_hub, tmp_path):
     fake_hub.cut_at["model-00001-of-00002.safetensors"] = 5000
     assert run("pull", "fake-moe").exit_code != 0
-    row = json.loads(run("ls", "--json").stdout)[0]
+    row = next(r for r in json.loads(run("ls", "--json").stdout) if r["source"] == "hub")
     assert row["name"] == "fake-moe" and row["complete"] is False
     assert row["size_bytes"] >= 5000  # the partial shard counts as disk used
 
@@ -582,7 +582,7 @@ def test_rm_deletes_hub_downloads_and_quantized_outputs(fake_hub, tmp_path):
 
     assert run("rm", "fake-moe-q4", "--yes").exit_code == 0
     assert not output.exists()
-    assert json.loads(run("ls", "--json").stdout) == []
+    assert [r["source"] for r in json.loads(run("ls", "--json").stdout)] == ["bundled"]  # only the bundled tiny
 
     missing = run("rm", "fake-moe", "--yes")
     assert isinstance(missing.exception, ModelNotFoundError)
