@@ -51,6 +51,9 @@ INTEGER_FIELDS = (
 )
 OPTIONAL_FIELDS = {"q_lora_rank", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group"}
 REAL_FIELDS = (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 0.0, 1e12), ("routed_scaling_factor", 0.0, 1e6))
+BOOLEAN_FIELDS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
+TEXT_FIELDS = ("model_type", "topk_method", "scoring_func", "hidden_act")
+OBJECT_FIELDS = ("rope_scaling", "rope_parameters", "quantization_config")  # a JSON object or null
 
 
 @dataclass
@@ -96,6 +99,7 @@ class ModelConfig:
     # ----- construction -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        _check_raw_types(raw, source)
         model_type = raw.get("model_type", "deepseek_v3")
         architectures = raw.get("architectures") or []
         known_arch = any(a in SUPPORTED_ARCHITECTURES for a in architectures)
@@ -152,8 +156,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
                 raise ConfigError(f"{source}: {name} must be a number above {low:g} and below {high:g}, not {json.dumps(value)}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ConfigError(f"{source}: rope_scaling must be an object or null, not {json.dumps(self.rope_scaling)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            as_list = ids if isinstance(ids, list) else [] if ids is None else [ids]
+            if not all(_is_whole(i) and 0 <= i < self.vocab_size for i in as_list) or (name == "bos_token_id" and isinstance(ids, list)):
+                kind = "a token id" if name == "bos_token_id" else "a token id or a list of them"
+                raise ConfigError(f"{source}: {name} must be {kind} below vocab_size {self.vocab_size}, or null, not {json.dumps(ids)}")
         if self.n_routed_experts:
             if self.num_experts_per_tok and self.num_experts_per_tok > self.n_routed_experts:
                 raise ConfigError(f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})")
@@ -226,6 +234,29 @@ class ModelConfig:
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Latent cache: (kv_lora_rank + qk_rope_head_dim) values per token per main layer."""
         return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * bytes_per_value
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_raw_types(raw: dict[str, Any], source: str) -> None:
+    """The JSON type of every non-numeric field the engine reads (numbers are checked with
+    their ranges in `validate`)."""
+    for name in BOOLEAN_FIELDS:
+        if name in raw and not isinstance(raw[name], bool):
+            raise ConfigError(f"{source}: {name} must be true or false, not {json.dumps(raw[name])}")
+    for name in TEXT_FIELDS:
+        if name in raw and not isinstance(raw[name], str):
+            raise ConfigError(f"{source}: {name} must be a string, not {json.dumps(raw[name])}")
+    for name in OBJECT_FIELDS:
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"{source}: {name} must be an object or null, not {json.dumps(raw[name])}")
+    architectures = raw.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"{source}: architectures must be a list of names, not {json.dumps(architectures)}")
+    if raw.get("torch_dtype") is not None and not isinstance(raw["torch_dtype"], str):
+        raise ConfigError(f"{source}: torch_dtype must be a dtype name or null, not {json.dumps(raw['torch_dtype'])}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

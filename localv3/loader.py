@@ -15,7 +15,7 @@ from torch import nn
 
 from localv3.checkpoint import FLOAT_DTYPES, CheckpointReader
 from localv3.config import ModelConfig
-from localv3.errors import CheckpointError
+from localv3.errors import CheckpointError, ConfigError
 from localv3.model.moe import DenseExpertBank
 from localv3.model.transformer import Transformer
 
@@ -51,6 +51,9 @@ def skeleton(config: ModelConfig, with_mtp: bool) -> Transformer:
 
 def expected_tensors(config: ModelConfig, model: Transformer) -> dict[str, tuple[str, tuple[int, ...]]]:
     """checkpoint tensor name -> (our parameter name, shape), experts listed one by one."""
+    for field in ("tie_word_embeddings", "attention_bias"):  # no DeepSeek-V3-class checkpoint has either
+        if getattr(config, field):
+            raise ConfigError(f"config.json: {field} true is not supported (DeepSeek-V3-class models have it false)")
     expected = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         owner, _, leaf = name.rpartition(".")
@@ -66,10 +69,7 @@ def expected_tensors(config: ModelConfig, model: Transformer) -> dict[str, tuple
                     for proj, tensor_name in expert_tensor_names(prefix, e).items():
                         expected[tensor_name] = (f"{owner}[{e}].{proj}", shapes[proj])
             continue
-        tensor_name = checkpoint_name(config, name)
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            tensor_name = "model.embed_tokens.weight"
-        expected[tensor_name] = (name, tuple(tensor.shape))
+        expected[checkpoint_name(config, name)] = (name, tuple(tensor.shape))
     return expected
 
 
@@ -78,16 +78,24 @@ def validate_checkpoint(reader: CheckpointReader, expected: dict[str, tuple[str,
     floats, a localv3 checkpoint's quantised blocks bytes), naming file and tensor."""
     for tensor_name, (name, shape) in expected.items():
         if tensor_name not in reader:
-            raise CheckpointError(f"{reader.dir}: tensor {tensor_name} is missing from the checkpoint")
+            raise CheckpointError(
+                f"{reader.dir}: config.json expects tensor {tensor_name}, which no weight file holds "
+                f"({_file_list(reader)})"
+            )
         info = reader.info(tensor_name)
         if info.shape != shape:
             raise CheckpointError(
-                f"{info.file}: tensor {tensor_name} has shape {list(info.shape)}, expected {list(shape)}"
+                f"{info.file}: tensor {tensor_name} has shape {list(info.shape)}, config.json expects {list(shape)}"
             )
         allowed = (torch.uint8,) if name.endswith(".qweight") else FLOAT_DTYPES
         if info.dtype not in allowed:
             wanted = "uint8 blocks" if allowed == (torch.uint8,) else "a float dtype (F32, F16, BF16, F8)"
             raise CheckpointError(f"{info.file}: tensor {tensor_name} is {str(info.dtype).removeprefix('torch.')}, expected {wanted}")
+
+
+def _file_list(reader: CheckpointReader) -> str:
+    names = sorted({info.file.name for info in reader.tensors.values()})
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
 def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:

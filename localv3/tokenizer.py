@@ -88,7 +88,7 @@ def _chat_templates(path: Path, value: Any) -> dict[str, str]:
 def _token_text(path: Path, field: str, value: Any) -> str | None:
     """Special tokens are stored as strings or {"content": ...} objects."""
     text = value.get("content") if isinstance(value, dict) else value
-    if text is None or isinstance(text, str):
+    if (value is None or isinstance(text, str)) and text != "":
         return text
     raise TokenizerError(f"{path}: {field} must be a token string or {{\"content\": ...}}, not {json.dumps(value)[:80]}")
 

@@ -61,9 +61,9 @@ def test_wrong_shape_names_tensor_and_shapes(tmp_path):
     tensors = load_file(str(model / "model.safetensors"))
     tensors["model.layers.1.self_attn.kv_b_proj.weight"] = torch.zeros(7, 7)
     save_file(tensors, str(model / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.self_attn.kv_b_proj.weight has shape \[7, 7\], expected \[128, 32\]"):
+    with pytest.raises(CheckpointError, match=r"tensor model.layers.1.self_attn.kv_b_proj.weight has shape \[7, 7\], config.json expects \[128, 32\]"):
         localv3.load(model)
-    assert_cli_error(model, "kv_b_proj.weight", "expected [128, 32]")
+    assert_cli_error(model, "kv_b_proj.weight", "config.json expects [128, 32]")
 
 
 def test_missing_expert_tensor(tmp_path):
@@ -71,7 +71,7 @@ def test_missing_expert_tensor(tmp_path):
     tensors = load_file(str(model / "model.safetensors"))
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
     save_file(tensors, str(model / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.layers.2.mlp.experts.5.up_proj.weight is missing"):
+    with pytest.raises(CheckpointError, match=r"config.json expects tensor model.layers.2.mlp.experts.5.up_proj.weight, which no weight file holds \(model.safetensors\)"):
         localv3.load(model)
 
 
