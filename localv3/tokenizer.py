@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -205,11 +206,30 @@ def _raise_template_error(message: str):
     raise TemplateError(message)
 
 
-def _compile_template(source: str, origin: Path | str, name: str = "default") -> Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _template_json(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    """`tojson` as chat templates expect it: plain JSON, not HTML-escaped (jinja2's own escapes
+    <, >, & and ' for HTML, which would change tool schemas inside a prompt)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    """Today's date or time, as templates that state the date use it."""
+    return datetime.now().strftime(format)
+
+
+def _template_environment() -> ImmutableSandboxedEnvironment:
+    """The sandbox chat templates run in, with what the hub's templates rely on: `break` and
+    `continue` in loops, `raise_exception`, `strftime_now`, and a non-escaping `tojson`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _template_json
+    return env
+
+
+def _compile_template(source: str, origin: Path | str, name: str = "default") -> Template:
     try:
-        return env.from_string(source)
+        return _template_environment().from_string(source)
     except TemplateSyntaxError as exc:
         which = "the chat template" if name == "default" else f"the chat template {name!r}"
         raise TokenizerError(f"{origin}: {which} does not compile (line {exc.lineno}: {exc.message})") from None
