@@ -240,6 +240,13 @@ def test_closed_stdout_is_one_line(chat_model_dir):
     assert "standard output is closed" in one_error_line(done.stderr)
 
 
+def test_chat_with_stdin_closed_answers_its_message_and_ends(chat_model_dir):
+    command = f"'{LOCALV3}' chat '{chat_model_dir}' 'Hello there' -n 3 --temperature 0 <&-"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(">>> Hello there\n") and "error" not in done.stderr
+
+
 @pytest.mark.parametrize(
     "args, what",
     [

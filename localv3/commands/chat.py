@@ -53,14 +53,17 @@ class ContextFullError(LocalV3Error):
 
 
 class LineReader:
-    """Reads one line; raises EOFError on Ctrl-D and KeyboardInterrupt on Ctrl-C."""
+    """Reads one line; raises EOFError on Ctrl-D (or a closed stdin) and KeyboardInterrupt on Ctrl-C."""
 
     def __init__(self) -> None:
-        self.session = _prompt_session() if sys.stdin.isatty() and sys.stdout.isatty() else None
+        terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+        self.session = _prompt_session() if terminal else None
 
     def read(self, prompt: str) -> str:
         if self.session is not None:
             return self.session.prompt(prompt)
+        if sys.stdin is None:  # started with stdin closed (`<&-`): nothing will be typed
+            raise EOFError
         return input(prompt)
 
 
