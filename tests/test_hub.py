@@ -238,7 +238,7 @@ def fake_hub(tmp_path, monkeypatch):
     # constants read at import time: no telemetry look-ups, not offline
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "STALLED_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr("localv3.hub.download.STALLED_RETRY_DELAYS_S", (0.0,))
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "models.toml").write_text(
         "[models.fake-moe]\n"
@@ -403,8 +403,8 @@ def test_a_hub_that_never_answers_times_out_retries_then_says_so(fake_hub, silen
     url, accepted = silent_endpoint
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", timeout_s)
-    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
-    monkeypatch.setattr(hub, "SLOW_REQUEST_NOTICE_S", 0.1)
+    monkeypatch.setattr("localv3.hub.calls.REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr("localv3.hub.calls.SLOW_REQUEST_NOTICE_S", 0.1)
     result = run("pull", "acme/anything")
     assert isinstance(result.exception, hub.HubAccessError)
     assert str(result.exception) == (
@@ -422,7 +422,7 @@ def test_a_refused_connection_is_retried_then_one_line(fake_hub, monkeypatch):
     closed_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     probe.close()  # nothing listens there now
     monkeypatch.setenv("HF_ENDPOINT", closed_url)
-    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0,))
+    monkeypatch.setattr("localv3.hub.calls.REQUEST_RETRY_DELAYS_S", (0.0,))
     result = run("pull", "acme/anything")
     assert isinstance(result.exception, hub.HubAccessError)
     assert str(result.exception).startswith(f"cannot reach {closed_url}: listing acme/anything failed 2 times, last: ConnectError")
@@ -430,7 +430,7 @@ def test_a_refused_connection_is_retried_then_one_line(fake_hub, monkeypatch):
 
 @pytest.mark.parametrize("busy", [1, 2])
 def test_a_busy_hub_is_asked_again_and_the_pull_completes(fake_hub, tmp_path, monkeypatch, busy):
-    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr("localv3.hub.calls.REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
     fake_hub.busy_listings = busy
     result = run("pull", "fake-moe")
     assert result.exit_code == 0, result.output
@@ -439,7 +439,7 @@ def test_a_busy_hub_is_asked_again_and_the_pull_completes(fake_hub, tmp_path, mo
 
 
 def test_a_busy_hub_that_stays_busy_is_one_line(fake_hub, monkeypatch):
-    monkeypatch.setattr(hub, "REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
+    monkeypatch.setattr("localv3.hub.calls.REQUEST_RETRY_DELAYS_S", (0.0, 0.0))
     fake_hub.busy_listings = 3
     result = run("pull", "fake-moe")
     assert isinstance(result.exception, hub.HubAccessError)
@@ -498,7 +498,7 @@ def test_missing_repo_through_the_real_cli_is_one_line(fake_hub, tmp_path):
 
 
 def test_pull_refuses_when_the_disk_is_too_small(fake_hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "free_disk_bytes", lambda path: 10_000)
+    monkeypatch.setattr("localv3.hub.pulling.free_disk_bytes", lambda path: 10_000)
     result = run("pull", "fake-moe")
     assert isinstance(result.exception, hub.InsufficientDiskError)
     assert str(result.exception).startswith("not enough disk space for acme/tiny-moe: 25.8 kB to download, 10.0 kB free")
