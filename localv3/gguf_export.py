@@ -172,8 +172,9 @@ def _check_all_mapped(reader: CheckpointReader, config: ModelConfig, used: set[s
 
 
 def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict:
-    """tokens, token types, merges, pre-tokenizer, special ids and chat template from the
-    checkpoint's tokenizer.json / tokenizer_config.json (a byte-level BPE)."""
+    """tokens, token types and pre-tokenizer from the checkpoint's tokenizer.json (a byte-level
+    BPE); merges, special token ids, add-BOS and the chat template(s) through gguf's
+    SpecialVocab, after our own check of tokenizer_config.json (one line naming the field)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise QuantizeError(f"{path}: tokenizer.json not found; a GGUF needs the vocabulary")
@@ -191,22 +192,12 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict:
         if i >= vocab_size:
             raise QuantizeError(f"{path}: token id {i} ({token!r}) is beyond the model's vocab_size {vocab_size}")
         tokens[i], types[i] = token, kind
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    settings = read_tokenizer_settings(model_dir)
-    ids = {token: i for token, i, _ in entries}
-
-    def special_id(token: str | None) -> int | None:
-        return ids.get(token) if token else None
-
+    read_tokenizer_settings(model_dir)
     return {
         "tokens": tokens,
         "types": [int(t) for t in types],
-        "merges": merges,
         "pre": pre_tokenizer_name(data),
-        "bos": special_id(settings.bos_token),
-        "eos": special_id(settings.eos_token),
-        "add_bos": settings.add_bos_token,
-        "chat_template": settings.chat_template,
+        "special": gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size),
     }
 
 
@@ -269,16 +260,9 @@ def _write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, vocab: dict, n
     w.add_tokenizer_pre(vocab["pre"])
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
-    w.add_token_merges(vocab["merges"])
-    bos = vocab["bos"] if vocab["bos"] is not None else c.bos_token_id
-    eos = vocab["eos"] if vocab["eos"] is not None else (c.eos_token_ids or [None])[0]
-    if bos is not None:
-        w.add_bos_token_id(bos)
-    if eos is not None:
-        w.add_eos_token_id(eos)
-    w.add_add_bos_token(vocab["add_bos"])
-    if vocab["chat_template"]:
-        w.add_chat_template(vocab["chat_template"])
+    vocab["special"].add_to_gguf(w)
+    if "bos" not in vocab["special"].add_special_token:  # as our tokenizer: only the template writes BOS
+        w.add_add_bos_token(False)
 
 
 def export_gguf(
