@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localv3 import hub
 from localv3.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from localv3.errors import ConfigError, LocalV3Error, ModelNotFoundError
 from localv3.formats.table import DENSE_SCHEMES, EXPERT_SCHEMES
@@ -347,7 +346,9 @@ def resolve_model_path(spec: str, offline: bool = False) -> Path:
     if _is_dir(local):
         return local.resolve()
     if REPO_ID_PATTERN.fullmatch(spec):
-        snapshot = hub.cached_snapshot(spec)
+        from localv3.hub import cached_snapshot  # huggingface_hub costs ~0.3 s to import: only for repo ids
+
+        snapshot = cached_snapshot(spec)
         if snapshot is not None:
             _require_complete(snapshot, spec, offline)
             return snapshot
@@ -368,7 +369,9 @@ def _entry_path(entry: ModelEntry, offline: bool) -> Path:
     quantized = outputs_dir() / entry.name
     if quantized.is_dir():
         return quantized
-    snapshot = hub.cached_snapshot(entry.repo, entry.revision)
+    from localv3.hub import cached_snapshot
+
+    snapshot = cached_snapshot(entry.repo, entry.revision)
     if snapshot is None:
         raise ModelNotFoundError(f"{entry.name} is not downloaded; {_pull_hint(entry.name, offline)}")
     _require_complete(snapshot, entry.name, offline)
@@ -376,7 +379,9 @@ def _entry_path(entry: ModelEntry, offline: bool) -> Path:
 
 
 def _require_complete(snapshot: Path, spec: str, offline: bool) -> None:
-    problem = hub.snapshot_problem(snapshot)
+    from localv3.hub import snapshot_problem
+
+    problem = snapshot_problem(snapshot)
     if problem:
         raise ModelNotFoundError(f"{spec} is only partly downloaded ({problem}); {_pull_hint(spec, offline)}")
 
