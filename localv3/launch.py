@@ -221,3 +221,61 @@ def checkpoint_precision(config: ModelConfig) -> str:
     if config.fp8_block_size:
         return "fp8"
     return {"float32": "fp32", "float16": "fp16"}.get(config.torch_dtype or "", "bf16")
+
+
+MAX_NODES = 64  # how far `launch_advice` looks for a node count the model's shapes divide
+MASTER_PLACEHOLDER = "NODE0"  # stands for node 0's address in printed multi-node commands
+
+
+@dataclass(frozen=True)
+class LaunchAdvice:
+    """What `localv3 plan --gpus N` adds: how many boxes of N GPUs the model needs under SGLang or
+    vLLM, and the commands that start it (None where neither engine can read the model)."""
+
+    model: str
+    fit: BoxFit
+    nodes: int  # fit.nodes, raised until the parallel sizes divide the model's heads and experts
+    launch: str  # the `localv3 launch` line for node 0
+    engine_command: str | None
+    reason: str | None = None  # why there is no engine command
+
+    def to_dict(self) -> dict:
+        return {**self.fit.to_dict(), "nodes": self.nodes, "launch": self.launch, "engine_command": self.engine_command}
+
+    def lines(self) -> list[str]:
+        from localv3.render import format_bytes
+
+        fit = self.fit
+        box = format_bytes(fit.gpus * int(fit.gpu_bytes * USABLE_GPU_FRACTION))
+        need = (
+            f"On GPUs alone (SGLang, vLLM) {self.model} needs {format_bytes(fit.weights_bytes)} of weights and "
+            f"{format_bytes(fit.kv_bytes)} of KV cache; a box of {fit.gpus} x {format_bytes(fit.gpu_bytes)} GPUs "
+            f"holds {box} of that ({USABLE_GPU_FRACTION:.0%} of its memory)."
+        )
+        if self.engine_command is None:
+            return [need, f"No launch command: {self.reason}"]
+        if self.nodes == 1:
+            lines = [need, "One box is enough:"]
+        else:
+            lines = [need, f"One box is not enough: {self.nodes} nodes, each running (with its own --node-rank):"]
+        return [*lines, f"  {self.launch}", f"  which runs: {self.engine_command}"]
+
+
+def launch_advice(spec: str, config: ModelConfig, gpus: int, gpu_bytes: int, context: int, engine: str = "sglang") -> LaunchAdvice:
+    fit = box_fit(config, gpus, gpu_bytes, context)
+    try:
+        target = launch_target(spec)
+    except LocalV3Error as exc:
+        target, reason = None, str(exc)
+    nodes, command = fit.nodes, None
+    while target is not None and command is None and nodes <= MAX_NODES:
+        master = MASTER_PLACEHOLDER if nodes > 1 else None
+        try:
+            command = launch_command(engine, target, Topology(gpus, nodes, 0, master), context=context).shell_line()
+        except LaunchError as exc:
+            nodes, reason = nodes + 1, str(exc)
+    nodes = fit.nodes if command is None else nodes
+    launch = f"localv3 launch {engine} {shlex.quote(spec)} --gpus {gpus} --ctx {context}"
+    if nodes > 1:
+        launch += f" --nodes {nodes} --node-rank 0 --master {MASTER_PLACEHOLDER}"
+    return LaunchAdvice(spec, fit, nodes, launch, command, None if command else reason)

@@ -20,6 +20,7 @@ vLLM 0.33.0 (the `vllm` wheel on PyPI), started as `vllm serve MODEL`: vllm/engi
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 
 import cli
 from cli import app
-from localv3.launch import LaunchError, Topology, box_fit, launch_command, launch_target
+from localv3.launch import LaunchError, Topology, box_fit, launch_advice, launch_command, launch_target
 from localv3.quantized import Manifest
 from localv3.registry import config_for, resolve_model_dir
 
@@ -224,3 +225,20 @@ def test_deepseek_v3_at_fp8_needs_one_h200_box_two_h100_boxes(gpu_gib, nodes):
     fit = box_fit(config_for("deepseek-v3"), gpus=8, gpu_bytes=gpu_gib << 30, context=8192)
     assert 620 << 30 < fit.weights_bytes < 700 << 30  # 671B parameters at ~1 byte, embeddings in bf16
     assert fit.nodes == nodes
+
+
+def test_plan_with_gpus_says_when_one_box_is_not_enough():
+    small = CliRunner().invoke(app, ["plan", "deepseek-v3", "--profile", "rtx4090-epyc-12ch", "--gpus", "8"])
+    assert small.exit_code == 0, small.output
+    assert "One box is not enough: 4 nodes" in small.stdout
+    assert "localv3 launch sglang deepseek-v3 --gpus 8 --ctx 8192 --nodes 4 --node-rank 0 --master NODE0" in small.stdout
+    large = CliRunner().invoke(app, ["plan", "deepseek-v3", "--gpu-mem", "141GiB", "--gpus", "8", "--json"])
+    launch = json.loads(large.stdout)["launch"]
+    assert launch["nodes"] == 1 and launch["engine_command"].endswith("--tp-size 8 --ep-size 8 --context-length 8192")
+
+
+def test_plan_with_gpus_names_what_no_engine_can_serve():
+    advice = launch_advice("deepseek-r1-gguf", config_for("deepseek-r1-gguf"), 8, 80 << 30, 8192)
+    assert advice.engine_command is None and advice.lines()[-1].startswith("No launch command: deepseek-r1-gguf is a GGUF")
+    with pytest.raises(LaunchError, match="--gpu-mem"):
+        launch_advice("deepseek-v3", config_for("deepseek-v3"), 8, 0, 8192)

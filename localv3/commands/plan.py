@@ -87,6 +87,9 @@ def plan_command(
         None, "--routing-profile", help="routing counts recorded by a run (default: the model's own, when it has one)"
     ),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", min=1, help="GPUs per box: say how many such boxes SGLang/vLLM need and print the launch command"
+    ),
 ) -> None:
     """Plan where each part of MODEL lives (GPU, RAM, disk) and predict its speed."""
     stated = StatedHardware.from_text(
@@ -114,10 +117,21 @@ def plan_command(
         print(f"routing profile: {profile_path}", file=sys.stderr)
     result = plan(shape, quant, hardware, tokens, policy)
     alternatives = what_would_change(result, shape, policy)
+    advice = _launch_advice(model, source, hardware, gpus, tokens) if gpus else None
     if as_json:
-        print(json.dumps({**result.to_dict(), "what_would_change": [a.to_dict() for a in alternatives]}))
+        launch = {"launch": advice.to_dict()} if advice else {}
+        print(json.dumps({**result.to_dict(), "what_would_change": [a.to_dict() for a in alternatives], **launch}))
         return
     render_plan(result, shape, alternatives, Console(file=sys.stdout))
+    for line in advice.lines() if advice else []:
+        print(line)
+
+
+def _launch_advice(model: str, source: PlanSource, hardware: Hardware, gpus: int, tokens: int):
+    """`--gpus N`: the model on boxes of N of this hardware's GPUs under SGLang/vLLM (localv3.launch)."""
+    from localv3.launch import launch_advice
+
+    return launch_advice(model, source.config, gpus, hardware.gpu_mem_bytes, tokens)
 
 
 @dataclass(frozen=True)
