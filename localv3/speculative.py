@@ -121,9 +121,8 @@ class MTPSpeculation:
     def _mtp(self, session, hidden: torch.Tensor, next_ids: list[int], start: int, logits_rows: int = 1):
         """MTP over positions start.. : hidden [1, S, D], next_ids (S)
         -> (logits [logits_rows, V] of the last positions, MTP hidden [1, S, D])."""
-        device = self.model.model.embed_tokens.weight.device
         with torch.inference_mode():
-            tokens = torch.tensor([next_ids], dtype=torch.long, device=device)  # [1, S]
+            tokens = torch.tensor([next_ids], dtype=torch.long)  # [1, S], on the host like every token id
             logits, mtp_hidden = self.model.mtp_forward(hidden, tokens, start, session.cache, logits_rows=logits_rows)
         return logits[0], mtp_hidden
 

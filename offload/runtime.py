@@ -2,8 +2,8 @@
 
 `build_model` materialises a Transformer following a Layout and a Quantization:
 - each decoder layer's attention, norms, router and shared expert or dense FFN on its layer's
-  device (its KV cache rows follow, through `Transformer.new_cache`); the embeddings, the final
-  norm and lm_head on theirs;
+  device (the engine puts its KV cache rows there too); the embeddings, the final norm and
+  lm_head on theirs; activations cross devices through offload.device_hops;
 - each MoE layer's routed experts in a `PlacedExperts` (offload.banks), one bank per device:
   on `gpu` and `cpu` a QuantExpertBank (q8/q4, localv3.formats) or a DenseExpertBank (float
   schemes), on `disk` a DiskExpertBank that reads the checkpoint per use. The layer's shared
@@ -57,6 +57,7 @@ from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
 from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
+from offload.device_hops import StageDevices, add_device_hops
 from offload.hardware import Hardware, detect_hardware
 from offload.layout import CPU, DISK, GPU, Layout
 from offload.planner import Plan, Policy, plan
@@ -91,6 +92,16 @@ class Devices:
         if parts[0] == "rotary" or parts[:2] == ["model", "embed_tokens"]:
             return self.of(self.layout.embedding_device)
         return self.of(self.layout.head_device)  # model.norm, lm_head
+
+    def stages(self, mtp_heads: int) -> StageDevices:
+        """Where the embeddings, each layer (the first `mtp_heads` MTP layers too) and the head run."""
+        layers = [self.of(name) for name in self.layout.layer_devices]
+        return StageDevices(
+            embeddings=self.of(self.layout.embedding_device),
+            layers=layers[: self.num_hidden_layers],
+            mtp=layers[self.num_hidden_layers : self.num_hidden_layers + mtp_heads],
+            head=self.of(self.layout.head_device),
+        )
 
 
 def build_model(
@@ -139,6 +150,7 @@ def build_model(
         _place_experts(moe, layer, weights, config, layout, devices, quant.experts, dtype)
     model.rotary = RotaryEmbedding(config).to(devices.of_param("rotary"))
     _check_materialised(model)
+    add_device_hops(model, devices.stages(len(model.mtp)))
     model.absorb_kv_b()
     if FORMATS[quant.dense].quantized:
         _quantise_absorbed(model, devices)
@@ -285,7 +297,9 @@ class PlannedEngine(NativeEngine):
         gpu_device: torch.device,
         routing: RoutingStats | None = None,
     ):
-        super().__init__(path, config, model, tokenizer, max_context)
+        devices = Devices(plan.layout, gpu_device, config.num_hidden_layers)
+        cache_devices = [devices.of(name) for name in plan.layout.layer_devices[: model.num_cache_layers]]
+        super().__init__(path, config, model, tokenizer, max_context, cache_devices)
         self.plan = plan
         self.gpu_device = gpu_device
         self.routing = routing

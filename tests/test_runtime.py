@@ -331,7 +331,7 @@ def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir, reference):
     quant = Quantization(experts="q4", dense="q8", embeddings="bf16")
     engine = load_planned(model_dir, made_up_hardware(config, quant), CONTEXT, TIGHT, quant, gpu_device="cuda")
     assert engine.dtype == torch.bfloat16
-    cache = engine.model.new_cache(8)
+    cache = engine.new_session(8).cache
     assert [t.device.type for t in cache.latent] == ["cuda", "cuda", "cpu", "cpu"]
     logits = engine.logits(PROMPT)
     assert torch.isfinite(logits).all()

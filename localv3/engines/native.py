@@ -30,10 +30,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class NativeSession:
     """One sequence: a preallocated latent cache and the position reached."""
 
-    def __init__(self, model: Transformer, capacity: int):
+    def __init__(self, model: Transformer, capacity: int, cache_devices: list[torch.device] | None = None):
         self.model = model
         self.capacity = capacity
-        self.cache = model.new_cache(capacity)
+        self.cache = model.new_cache(capacity, layer_devices=cache_devices)
         self.position = 0
         self.token_ids: list[int] = []  # the tokens in the cache, positions 0..position-1
         self.last_hidden: torch.Tensor | None = None  # [1, S, D] hidden states of the last forward
@@ -46,8 +46,7 @@ class NativeSession:
         outside = [t for t in token_ids if not 0 <= t < vocab]
         if outside:
             raise LocalV3Error(f"token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
-        device = self.model.model.embed_tokens.weight.device
-        tokens = torch.tensor([token_ids], dtype=torch.long, device=device)
+        tokens = torch.tensor([token_ids], dtype=torch.long)  # [1, S] on the host: the model moves them
         logits, self.last_hidden = self.model(tokens, self.position, self.cache, logits_rows)
         self.position += len(token_ids)
         self.token_ids.extend(token_ids)
@@ -79,13 +78,20 @@ class NativeEngine(Engine):
     name = "native"
 
     def __init__(
-        self, path: Path, config: ModelConfig, model: Transformer, tokenizer: Tokenizer | None, max_context: int
+        self,
+        path: Path,
+        config: ModelConfig,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        max_context: int,
+        cache_devices: list[torch.device] | None = None,
     ):
         self.path = Path(path)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = max_context
+        self.cache_devices = cache_devices  # each cache layer's device (None: all on the CPU)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,7 +108,7 @@ class NativeEngine(Engine):
         return self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
 
     def new_session(self, capacity: int) -> NativeSession:
-        return NativeSession(self.model, capacity)
+        return NativeSession(self.model, capacity, self.cache_devices)
 
     def step_strategy(self, speculative: bool | None) -> StepStrategy:
         """MTP speculation by default when the model has an MTP layer, one draft per step.

@@ -2,6 +2,8 @@
 
 Module names mirror the Hugging Face checkpoint names (`model.layers.{i}.self_attn.q_a_proj`, ...)
 so that the loader maps tensors one to one; only the routed experts are stacked per layer.
+Nothing here names a device: where a layout splits the model across devices, offload moves the
+activations at the boundaries (offload.device_hops).
 """
 
 from __future__ import annotations
@@ -82,13 +84,18 @@ class Transformer(nn.Module):
     def num_cache_layers(self) -> int:
         return self.config.num_hidden_layers + len(self.mtp)
 
-    def new_cache(self, max_tokens: int, batch_size: int = 1, dtype: torch.dtype | None = None) -> LatentCache:
-        """A cache for the main layers and the MTP layers, each layer's rows on its layer's device."""
-        devices = [block.input_layernorm.weight.device for block in self.model.layers]
-        devices += [head.block.input_layernorm.weight.device for head in self.mtp]
+    def new_cache(
+        self,
+        max_tokens: int,
+        batch_size: int = 1,
+        dtype: torch.dtype | None = None,
+        layer_devices: list[torch.device] | None = None,
+    ) -> LatentCache:
+        """A cache for the main layers and the MTP layers, each layer's rows on the device the
+        caller names for it (default: all on the CPU)."""
         dtype = dtype or self.model.embed_tokens.weight.dtype
         return LatentCache(
-            self.config, max_tokens, self.num_cache_layers, batch_size, dtype, layer_devices=devices
+            self.config, max_tokens, self.num_cache_layers, batch_size, dtype, layer_devices=layer_devices
         )
 
     def rope(self, start: int, length: int, device: torch.device, dtype: torch.dtype):
@@ -97,16 +104,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, start: int, cache: LatentCache) -> torch.Tensor:
         """tokens [B, S] at positions start.. -> final-normed hidden states [B, S, D]."""
-        embed = self.model.embed_tokens
-        h = embed(tokens.to(embed.weight.device))
+        h = self.model.embed_tokens(tokens)  # [B, S, D]
         rope = self.rope(start, tokens.shape[1], h.device, h.dtype)
         for i, block in enumerate(self.model.layers):
-            device = block.input_layernorm.weight.device
-            if h.device != device:
-                h = h.to(device, non_blocking=True)
-                rope = tuple(t.to(device) for t in rope)
             h = block(h, start, rope, cache, i)
-        h = h.to(self.model.norm.weight.device)
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -117,7 +118,7 @@ class Transformer(nn.Module):
         """
         if rows is not None:
             hidden = hidden[:, hidden.shape[1] - rows :]
-        return self.lm_head(hidden.to(self.lm_head.weight.device)).float()
+        return self.lm_head(hidden).float()
 
     def forward(
         self, tokens: torch.Tensor, start: int, cache: LatentCache, logits_rows: int | None = None
@@ -139,10 +140,7 @@ class Transformer(nn.Module):
 
         -> (logits [B, logits_rows or S, V] for the token two ahead, MTP hidden [B, S, D]).
         """
-        head = self.mtp[depth]
-        device = head.eh_proj.weight.device
-        embeds = self.model.embed_tokens(next_tokens.to(self.model.embed_tokens.weight.device)).to(device)
-        hidden = hidden.to(device)
-        rope = self.rope(start, next_tokens.shape[1], device, hidden.dtype)
-        h = head(hidden, embeds, start, rope, cache, self.config.num_hidden_layers + depth)
+        embeds = self.model.embed_tokens(next_tokens)  # [B, S, D]
+        rope = self.rope(start, next_tokens.shape[1], hidden.device, hidden.dtype)
+        h = self.mtp[depth](hidden, embeds, start, rope, cache, self.config.num_hidden_layers + depth)
         return self.logits(h, logits_rows), h
