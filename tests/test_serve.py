@@ -214,6 +214,7 @@ def test_eight_concurrent_streaming_clients_get_their_own_answers(tiny_url, refe
     [
         (b'{"model": "tiny", "messages": [', 400, None),  # malformed JSON
         (b'["not", "an", "object"]', 400, None),
+        (b"[" * 100000, 400, None),  # nested past the parser's recursion limit
         ({"model": "tiny", "messages": "Hello"}, 400, "messages"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content"),
@@ -510,3 +511,53 @@ def test_serve_refuses_an_unknown_model_and_a_busy_port(capsys):
             bind("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
+
+
+# ----- the pieces, without a server ------------------------------------------------------------------
+def test_tool_calls_parse_in_both_deepseek_layouts():
+    from localv3.serve.tools import ToolCallFormat
+
+    v3 = f'{CALLS_BEGIN}{CALL_BEGIN}function{SEPARATOR}a\n```json\n{{"x": 1}}\n```{CALL_END}'
+    v31 = f'{CALL_BEGIN}b{SEPARATOR}{{"y": [2]}}{CALL_END}{CALLS_END}'
+    calls = ToolCallFormat(begin_id=0, typed=True).parse(v3 + v31)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("a", '{"x": 1}'), ("b", '{"y": [2]}')]
+    assert len({c["id"] for c in calls}) == 2 and all(c["type"] == "function" for c in calls)
+    assert ToolCallFormat(begin_id=0, typed=False).parse(f"{CALLS_BEGIN}{CALL_BEGIN}unfinished") == []
+
+
+def test_answer_splitter_keeps_text_before_a_tool_section_and_returns_a_broken_one_as_content(scripted_dir):
+    from localv3.generate import GenerationChunk
+    from localv3.serve.answer import AnswerSplitter
+    from localv3.serve.tools import tool_call_format
+
+    tokenizer = Tokenizer(scripted_dir)
+    tools = tool_call_format(tokenizer.chat_template, tokenizer.token_to_id(CALLS_BEGIN))
+    begin, hello = tools.begin_id, tokenizer.encode("Hello", add_bos=False)
+    splitter = AnswerSplitter(tokenizer, thinking=False, tools=tools)
+    first = splitter.feed(GenerationChunk([*hello, begin], "Hello"))  # two tokens in one step, as MTP gives
+    rest = splitter.feed(GenerationChunk(tokenizer.encode("not a call", add_bos=False), "not a call"))
+    tail, calls = splitter.finish()
+    assert (first.content, rest.content, calls) == ("Hello", "", [])
+    assert tail.content == CALLS_BEGIN + "not a call"
+
+
+def test_request_parsing_normalises_messages_and_refuses_what_it_cannot_honour():
+    from localv3.serve.errors import ApiError
+    from localv3.serve.requests import parse_chat_request
+
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    request = parse_chat_request(
+        {"model": "m", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}]}, "m"
+    )
+    assert request.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+    user = [{"role": "user", "content": "x"}]
+    for extra, param in [
+        ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            parse_chat_request({"model": "m", "messages": user, **extra}, "m")
+        assert refused.value.status == 400 and refused.value.param == param
+    assert parse_chat_request({"model": "m", "messages": user, "tools": [WEATHER_TOOL], "tool_choice": "none"}, "m").tools == []

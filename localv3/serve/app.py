@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from localv3.serve.answer import Delta
-from localv3.serve.errors import ApiError, bad_request
+from localv3.serve.errors import ApiError, bad_request, server_error
 from localv3.serve.replies import ChatReplies, CompletionReplies, Replies
 from localv3.serve.requests import parse_chat_request, parse_completion_request
 from localv3.serve.turns import Finished, chat_work, completion_work
@@ -109,7 +109,7 @@ def create_app(worker: GenerationWorker, settings: AppSettings) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    handlers = {ApiError: api_error_response, HTTPException: http_error_response}
+    handlers = {ApiError: api_error_response, HTTPException: http_error_response, Exception: internal_error_response}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     if settings.api_key:
         app.add_middleware(BearerKey, key=settings.api_key)
@@ -130,6 +130,8 @@ async def read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request("the request body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     return data
@@ -146,6 +148,11 @@ async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
 async def http_error_response(request: Request, exc: HTTPException) -> JSONResponse:
     """Unknown paths (404) and methods (405) as OpenAI error objects too."""
     return JSONResponse(ApiError(exc.status_code, exc.detail).body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the client gets an OpenAI error object (uvicorn logs the traceback)."""
+    return JSONResponse(server_error(f"{type(exc).__name__}: {exc}").body(), status_code=500)
 
 
 class BearerKey:

@@ -7,7 +7,6 @@ extends an earlier conversation prefills only what is new.
 
 from __future__ import annotations
 
-import time
 from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 from localv3.chat_session import prompt_opens_think
 from localv3.generate import GenerationStats
 from localv3.sampling import SamplingDefaults, model_sampling_defaults
-from localv3.serve.answer import AnswerSplitter, Delta
+from localv3.serve.answer import AnswerSplitter
 from localv3.serve.errors import bad_request
 from localv3.serve.requests import ChatRequest, CompletionRequest, Sampling
 from localv3.serve.tools import CALLS_BEGIN, ToolCallFormat, offer_functions, tool_call_format
