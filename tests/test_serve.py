@@ -561,3 +561,20 @@ def test_request_parsing_normalises_messages_and_refuses_what_it_cannot_honour()
             parse_chat_request({"model": "m", "messages": user, **extra}, "m")
         assert refused.value.status == 400 and refused.value.param == param
     assert parse_chat_request({"model": "m", "messages": user, "tools": [WEATHER_TOOL], "tool_choice": "none"}, "m").tools == []
+
+
+def test_kept_conversations_fit_the_memory_the_plan_left(served_engine):
+    from types import SimpleNamespace
+
+    from localv3.serve.sessions import sessions_that_fit
+
+    assert sessions_that_fit(served_engine, 4) == 4  # tiny's cache is small beside this machine's RAM
+    size = 1 << 30
+    plan = SimpleNamespace(
+        kv_cache=SimpleNamespace(device_bytes={"gpu": size}),
+        device=lambda name: SimpleNamespace(free_bytes=int(2.5 * size)),
+    )
+    assert sessions_that_fit(SimpleNamespace(plan=plan), 4) == 3
+    plan.device = lambda name: SimpleNamespace(free_bytes=-5)  # a plan already over its budget
+    assert sessions_that_fit(SimpleNamespace(plan=plan), 4) == 1
+    assert sessions_that_fit(SimpleNamespace(), 4) == 1

@@ -29,13 +29,14 @@ def serve(
     ] = None,
     ctx: Context = None,
     sessions: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--sessions",
             min=1,
-            help="Conversations kept in the KV cache for prefix reuse; each holds a full context.",
+            help=f"Conversations kept in the KV cache for prefix reuse, each a full context (default: as many as"
+            f" the plan leaves memory for, up to {DEFAULT_SESSIONS}).",
         ),
-    ] = DEFAULT_SESSIONS,
+    ] = None,
     mtp: Mtp = None,
     engine: EngineName = "native",
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every request on stderr.")] = False,
@@ -54,16 +55,17 @@ def serve(
     def load():
         from localv3.engine_choice import open_engine
         from localv3.render import format_bytes
+        from localv3.serve.sessions import sessions_that_fit
         from localv3.serve.turns import Served
 
         loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
         if loaded.tokenizer is None:
             raise LocalV3Error(f"{model} has no tokenizer.json, so it cannot serve text")
-        loaded.kept_sessions = sessions
+        loaded.kept_sessions = sessions or sessions_that_fit(loaded, DEFAULT_SESSIONS)
         cache = format_bytes(loaded.kv_bytes_per_token * loaded.max_context)
         print(
             f"serving {name} at {service.url}/v1 ({loaded.placement}; context {loaded.max_context} tokens, "
-            f"up to {sessions} conversations cached at {cache} each)",
+            f"up to {loaded.kept_sessions} conversations cached at {cache} each)",
             file=sys.stderr,
         )
         return Served.of(loaded, speculative=mtp)
