@@ -78,5 +78,16 @@ def open_engine(
     """The CLI's load: `localv3.load`, recording routing statistics (they feed the next plan);
     `threads`: CPU threads to compute with (default: the engine's own choice)."""
     from localv3.api import load
+    from offload.planner import PlanError
 
-    return load(model, engine=engine, max_context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)
+    try:
+        return load(model, engine=engine, max_context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)
+    except PlanError as error:
+        raise LocalV3Error(error.render({"context": "--ctx"}, _fix_when_loading)) from None
+
+
+def _fix_when_loading(fix) -> str:
+    """A fix the loading commands have no flag for: a smaller checkpoint, or `plan` to explore."""
+    if fix.setting in ("experts", "dense", "embeddings"):
+        return f"{fix.describe()} (`localv3 quantize MODEL --{fix.setting} {fix.value}` writes that checkpoint)"
+    return f"{fix.describe()} (`localv3 plan MODEL` shows the options)"

@@ -15,6 +15,8 @@ shortfall and the smallest change that fits.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from localv3.errors import LocalV3Error
@@ -30,8 +32,56 @@ LOWER_QUANT = {"fp32": ("bf16", "q8", "q4"), "bf16": ("q8", "q4"), "fp16": ("q8"
 USEFUL_CONTEXT = 2048  # a shorter context is not offered as the fix
 
 
+@dataclass(frozen=True)
+class Fix:
+    """One setting changed: the smallest change that makes a refused plan fit. `setting` is a
+    plan() argument or a Policy/Quantization field: context, experts, dense, embeddings,
+    n_cpu_moe, gpu_experts, allow_disk."""
+
+    setting: str
+    value: int | str | bool
+
+    def describe(self) -> str:
+        """The change in plain words, for a caller without flags of its own (the Python API)."""
+        if self.setting == "context":
+            return f"a context of {self.value:,} tokens"
+        if self.setting == "allow_disk":
+            return "experts spilling to disk"
+        if self.setting in ROLES:
+            return f"{self.setting} in {self.value}"
+        return f"{self.setting} {self.value}"
+
+
 class PlanError(LocalV3Error):
-    """The model does not fit the hardware under the policy, or the request contradicts itself."""
+    """The model does not fit the hardware under the policy, or the request contradicts itself.
+
+    Structured, so each command words it with its own flags (localv3.commands.plan_errors):
+    `setting` and `given` name the argument at fault, `fix` the smallest change that fits,
+    `more_ram` the RAM that would do as well (0: not known)."""
+
+    def __init__(
+        self, reason: str, setting: str | None = None, given=None, fix: Fix | None = None, more_ram: int = 0
+    ):
+        self.reason, self.setting, self.given, self.fix, self.more_ram = reason, setting, given, fix, more_ram
+        super().__init__(self.render({}))
+
+    def render(self, flags: dict[str, str], describe_fix=None) -> str:
+        """The message with settings called by `flags` (setting -> flag): `setting`, a fix's
+        setting and any `{setting}` in the reason; a setting without a flag keeps its own name,
+        a fix without one is described by `describe_fix` or in words."""
+        text = re.sub(r"\{(\w+)\}", lambda named: flags.get(named[1], named[1]), self.reason)
+        if self.setting is not None:
+            text = f"{flags.get(self.setting, self.setting)} {self.given}: {text}"
+        if self.fix is None and not self.more_ram:
+            return text
+        more_ram = f"{format_bytes(self.more_ram)} more RAM" if self.more_ram else None
+        if self.fix is None:
+            return f"{text}; the smallest change that fits: {more_ram}"
+        if self.fix.setting in flags:
+            fix = f"{flags[self.fix.setting]} {self.fix.value}"
+        else:
+            fix = (describe_fix or Fix.describe)(self.fix)
+        return f"{text}; the smallest change that fits: {fix}" + (f" (or {more_ram})" if more_ram else "")
 
 
 @dataclass(frozen=True)
@@ -161,7 +211,7 @@ def plan(shape: ModelShape, quant: Quantization, hardware: Hardware, context: in
     try:
         layout = planner.layout(context)
     except _DoesNotFit as failure:
-        raise PlanError(planner.refusal(context, failure)) from None
+        raise planner.refusal(context, failure) from None
     return planner.plan(layout, context)
 
 
@@ -194,7 +244,7 @@ class _Unit:
 
 
 class _DoesNotFit(Exception):
-    def __init__(self, reason: str, ram_shortfall: int = 0, fix: str | None = None):
+    def __init__(self, reason: str, ram_shortfall: int = 0, fix: Fix | None = None):
         super().__init__(reason)
         self.reason = reason
         self.ram_shortfall = ram_shortfall
@@ -315,10 +365,12 @@ class _Planner:
         policy = self.policy
         if not self.hw.has_gpu or policy.cpu_moe:
             return []
-        if policy.n_cpu_moe is not None:
-            return self._fixed_gpu_experts(gpu_free, self._layers_from(policy.n_cpu_moe), "--n-cpu-moe", policy.n_cpu_moe)
-        if policy.gpu_experts is not None:
-            return self._fixed_gpu_experts(gpu_free, self._hottest_per_layer(policy.gpu_experts), "--gpu-experts", policy.gpu_experts)
+        if policy.n_cpu_moe is not None:  # a larger N puts fewer experts on the GPU
+            fewer = range(policy.n_cpu_moe + 1, max(self.probabilities) + 2)
+            return self._fixed_gpu_experts(gpu_free, "n_cpu_moe", policy.n_cpu_moe, self._layers_from, fewer)
+        if policy.gpu_experts is not None:  # a smaller N does
+            fewer = range(policy.gpu_experts - 1, -1, -1)
+            return self._fixed_gpu_experts(gpu_free, "gpu_experts", policy.gpu_experts, self._hottest_per_layer, fewer)
         chosen = []
         for layer, e in self.hot_order:
             size = self.expert_bytes[layer]
@@ -334,37 +386,35 @@ class _Planner:
     def _hottest_per_layer(self, n: int) -> list[tuple[int, int]]:
         return [(layer, e) for layer, hottest in self.hot_per_layer.items() for e in hottest[:n]]
 
-    def _fixed_gpu_experts(self, gpu_free: int, wanted: list[tuple[int, int]], flag: str, value: int) -> list[tuple[int, int]]:
+    def _fixed_gpu_experts(
+        self, gpu_free: int, setting: str, value: int, chosen_by: Callable[[int], list[tuple[int, int]]], fewer: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """The experts `chosen_by(value)` puts on the GPU, or the refusal naming the first of the
+        `fewer` values whose experts fit."""
+        wanted = chosen_by(value)
         need = sum(self.expert_bytes[layer] for layer, _ in wanted)
         if need <= gpu_free:
             return wanted
-        if flag == "--n-cpu-moe":
-            candidates = ((n, self._layers_from(n)) for n in range(value + 1, max(self.probabilities) + 2))
-        else:
-            candidates = ((n, self._hottest_per_layer(n)) for n in range(value - 1, -1, -1))
-        fit = next(n for n, chosen in candidates if sum(self.expert_bytes[layer] for layer, _ in chosen) <= gpu_free)
+        fit = next(n for n in fewer if sum(self.expert_bytes[layer] for layer, _ in chosen_by(n)) <= gpu_free)
         raise _DoesNotFit(
-            f"{flag} {value} puts {len(wanted)} routed experts ({format_bytes(need)}) on the GPU, but "
+            f"{setting} {value} puts {len(wanted)} routed experts ({format_bytes(need)}) on the GPU, but "
             f"{format_bytes(gpu_free)} is free after the non-expert weights and the KV cache",
-            fix=f"{flag} {fit}",
+            fix=Fix(setting, fit),
         )
 
     # ----- refusal ---------------------------------------------------------------------------
-    def refusal(self, context: int, failure: _DoesNotFit) -> str:
-        opening = f"{self.shape.name} does not fit: {failure.reason}"
+    def refusal(self, context: int, failure: _DoesNotFit) -> PlanError:
+        reason = f"{self.shape.name} does not fit: {failure.reason}"
         if failure.fix:
-            return f"{opening}; the smallest change that fits: {failure.fix}"
-        more_ram = f"{format_bytes(failure.ram_shortfall)} more RAM"
+            return PlanError(reason, fix=failure.fix)
         shorter = self._longest_fitting_context(context)
         if shorter >= min(USEFUL_CONTEXT, context):
-            fix = f"--context {shorter}"
+            fix = Fix("context", shorter)
         else:
             fix = self._lower_quantisation(context)
         if fix is None and not self.policy.allow_disk and self._fits(context, replace(self.policy, allow_disk=True)):
-            fix = "experts spilling to disk (drop --no-disk)"
-        if fix is None:
-            return f"{opening}; the smallest change that fits: {more_ram}"
-        return f"{opening}; the smallest change that fits: {fix} (or {more_ram})"
+            fix = Fix("allow_disk", True)
+        return PlanError(reason, fix=fix, more_ram=failure.ram_shortfall)
 
     def _fits(self, context: int, policy: Policy | None = None, quant: Quantization | None = None) -> bool:
         if policy is None and quant is None:
@@ -387,14 +437,14 @@ class _Planner:
                 high = middle - 1
         return low
 
-    def _lower_quantisation(self, context: int) -> str | None:
+    def _lower_quantisation(self, context: int) -> Fix | None:
         """The first single-role step down that fits: experts, then dense, then embeddings (a
         role whose formats a file fixes: any quantised scheme that fits)."""
         for role in ROLES:
             current = "bf16" if self.quant.stores(role) else getattr(self.quant, role)
             for lower in LOWER_QUANT.get(current, ()):
                 if lower in ROLE_SCHEMES[role] and self._fits(context, quant=self.quant.with_scheme(role, lower)):
-                    return f"--{role} {lower}"
+                    return Fix(role, lower)
         return None
 
     # ----- the plan ----------------------------------------------------------------------------
@@ -512,23 +562,27 @@ class _Planner:
 
 def _check_request(shape: ModelShape, hardware: Hardware, context: int, policy: Policy) -> None:
     if context < 1:
-        raise PlanError(f"--context {context}: a context holds at least one token")
+        raise PlanError("a context holds at least one token", "context", context)
     if context > shape.max_position_embeddings:
         raise PlanError(
-            f"--context {context} is longer than {shape.name} supports "
-            f"(max_position_embeddings {shape.max_position_embeddings}); use --context {shape.max_position_embeddings} or less"
+            f"longer than {shape.name} supports (max_position_embeddings {shape.max_position_embeddings})",
+            "context",
+            context,
+            fix=Fix("context", shape.max_position_embeddings),
         )
-    given = {"--cpu-moe": policy.cpu_moe, "--n-cpu-moe": policy.n_cpu_moe is not None, "--gpu-experts": policy.gpu_experts is not None}
-    overrides = [flag for flag, on in given.items() if on]
+    given = {"cpu_moe": policy.cpu_moe, "n_cpu_moe": policy.n_cpu_moe is not None, "gpu_experts": policy.gpu_experts is not None}
+    overrides = [setting for setting, on in given.items() if on]
     if len(overrides) > 1:
-        raise PlanError(f"{' and '.join(overrides)} contradict each other; give one")
-    for flag, value in (("--n-cpu-moe", policy.n_cpu_moe), ("--gpu-experts", policy.gpu_experts)):
+        raise PlanError(" and ".join(f"{{{setting}}}" for setting in overrides) + " contradict each other; give one")
+    for setting in ("n_cpu_moe", "gpu_experts"):
+        value = getattr(policy, setting)
         if value is not None and value < 0:
-            raise PlanError(f"{flag} {value}: must not be negative")
+            raise PlanError("must not be negative", setting, value)
     if policy.gpu_experts is not None and policy.gpu_experts > shape.n_routed_experts:
-        raise PlanError(f"--gpu-experts {policy.gpu_experts}: {shape.name} has {shape.n_routed_experts} experts per layer")
-    if overrides and overrides != ["--cpu-moe"] and not hardware.has_gpu:
-        raise PlanError(f"{overrides[0]} places experts on the GPU, but this hardware has no GPU")
+        raise PlanError(f"{shape.name} has {shape.n_routed_experts} experts per layer", "gpu_experts", policy.gpu_experts)
+    if overrides and overrides != ["cpu_moe"] and not hardware.has_gpu:
+        setting = overrides[0]
+        raise PlanError("places experts on the GPU, but this hardware has no GPU", setting, getattr(policy, setting))
     if policy.prefill_chunk < 1 or not 0.0 <= policy.mtp_acceptance <= 1.0:
         raise PlanError("the prefill chunk must be positive and the MTP acceptance between 0 and 1")
 

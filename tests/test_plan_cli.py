@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 import cli
 from cli import app
+from localv3.errors import LocalV3Error
+from offload.planner import Fix, PlanError
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "configs"
@@ -118,7 +120,12 @@ def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:
         (["--profile", "nope"], "unknown hardware profile 'nope'"),
         (["--experts", "q3"], "unknown quantisation 'q3'"),
         (["--ram", "64GiB", "--no-disk"], "does not fit"),
-        (["--context", "1000000"], "longer than deepseek-v3 supports"),
+        (["--ram", "512GiB", "--no-disk", "--experts", "bf16"], "the smallest change that fits: --experts q4 (or "),
+        (["--ram", "128GiB", "--no-disk"], "the smallest change that fits: experts spilling to disk (drop --no-disk)"),
+        (["--context", "1000000"], "--context 1000000: longer than deepseek-v3 supports"),
+        (["--context", "1000000"], "the smallest change that fits: --context 163840"),
+        (["--cpu-moe", "--gpu-experts", "2"], "--cpu-moe and --gpu-experts contradict each other; give one"),
+        (["--n-cpu-moe", "-2"], "--n-cpu-moe -2: must not be negative"),
     ],
 )
 def test_errors_reach_the_user_as_one_line(monkeypatch, capsys, args, message):
@@ -284,3 +291,26 @@ def test_plan_show_and_bench_report_one_parameter_count(tmp_path):
     assert weights_info(without_mtp).params == shown["params_total"] == plan_json(str(without_mtp))["parameters"]["total"]
     out = runner.invoke(app, ["plan", "tiny", "--profile", "cpu-only"]).stdout
     assert out.startswith("tiny (2.76 M parameters, 1.43 M active)")
+
+
+@pytest.mark.parametrize(
+    "fix, wording",
+    [
+        (Fix("context", 2048), "the smallest change that fits: --ctx 2048 (or 1.00 GiB more RAM)"),
+        (Fix("experts", "q4"), "experts in q4 (`localv3 quantize MODEL --experts q4` writes that checkpoint)"),
+        (Fix("allow_disk", True), "experts spilling to disk (`localv3 plan MODEL` shows the options)"),
+    ],
+)
+def test_a_refusal_while_loading_is_worded_in_the_loading_commands_flags(monkeypatch, fix, wording):
+    from localv3 import api
+    from localv3.engine_choice import open_engine
+
+    def refuse(*args, **kwargs):
+        raise PlanError("tiny does not fit: the KV cache", fix=fix, more_ram=2**30)
+
+    monkeypatch.setattr(api, "load", refuse)
+    with pytest.raises(LocalV3Error) as error:
+        open_engine("tiny", max_context=4096)
+    assert not isinstance(error.value, PlanError)
+    assert str(error.value).startswith("tiny does not fit: the KV cache; the smallest change that fits: ")
+    assert wording in str(error.value)

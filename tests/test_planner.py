@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from offload.hardware import Hardware, hardware_from_profile
 from offload.profiles import load_profiles
 from offload.stated import StatedHardware, stated_machine
 from offload.layout import CPU, DISK, GPU
-from offload.planner import Plan, PlanError, Policy, expert_probabilities, plan
+from offload.planner import Fix, Plan, PlanError, Policy, expert_probabilities, plan
 from localv3.formats.table import QuantError
 from offload.quant import Quantization, scheme
 from offload.roofline import FixedCosts
@@ -228,9 +229,9 @@ def test_n_cpu_moe_that_does_not_fit_names_the_smallest_that_does(moonlight):
     hardware = made_up(gpu_gib=8, ram_gib=32)
     with pytest.raises(PlanError) as error:
         plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=1))
-    message = str(error.value)
-    fit = int(message.rsplit("--n-cpu-moe ", 1)[1])
-    assert "does not fit" in message and fit > 1
+    assert error.value.fix.setting == "n_cpu_moe"
+    fit = error.value.fix.value
+    assert "does not fit" in str(error.value) and str(error.value).endswith(f"the smallest change that fits: n_cpu_moe {fit}") and fit > 1
     plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=fit))
     with pytest.raises(PlanError):
         plan(moonlight, Quantization(), hardware, 4096, Policy(n_cpu_moe=fit - 1))
@@ -240,7 +241,8 @@ def test_gpu_experts_that_do_not_fit_names_the_largest_that_does(moonlight):
     hardware = made_up(gpu_gib=8, ram_gib=32)
     with pytest.raises(PlanError) as error:
         plan(moonlight, Quantization(), hardware, 4096, Policy(gpu_experts=64))
-    fit = int(str(error.value).rsplit("--gpu-experts ", 1)[1])
+    assert error.value.fix.setting == "gpu_experts"
+    fit = error.value.fix.value
     assert 0 < fit < 64
     assert plan(moonlight, Quantization(), hardware, 4096, Policy(gpu_experts=fit)).layout.count_experts(GPU) == 26 * fit
 
@@ -261,8 +263,10 @@ def test_contradictory_requests_are_refused(moonlight, policy, hardware, match):
 
 
 def test_a_context_beyond_the_model_is_refused(moonlight):
-    with pytest.raises(PlanError, match="--context 8192 or less"):
+    with pytest.raises(PlanError, match=r"^context 16384: longer than moonlight-16b-a3b-instruct supports") as error:
         plan(moonlight, Quantization(), machine(), 16384)
+    assert error.value.fix == Fix("context", 8192)
+    assert error.value.render({"context": "--ctx"}).startswith("--ctx 16384: longer than")
 
 
 def test_tied_embeddings_are_read_as_the_lm_head():
@@ -291,8 +295,10 @@ def test_a_context_too_long_for_ram_is_refused_with_the_longest_that_fits(v3):
         plan(v3, Quantization(), hardware, 163840)
     message = str(error.value)
     assert message.startswith("deepseek-v3 does not fit: ") and "KV cache for 163840 tokens" in message
-    assert "more RAM" in message
-    longest = int(message.split("--context ")[1].split()[0])
+    assert "more RAM" in message and error.value.more_ram > 0 and error.value.fix.setting == "context"
+    longest = error.value.fix.value
+    assert f"the smallest change that fits: a context of {longest:,} tokens (or " in message
+    assert f"--context {longest} (or " in error.value.render({"context": "--context"})
     assert 16384 < longest < 163840
     assert plan(v3, Quantization(), hardware, longest).kv_cache.context == longest
     with pytest.raises(PlanError):
@@ -300,15 +306,19 @@ def test_a_context_too_long_for_ram_is_refused_with_the_longest_that_fits(v3):
 
 
 def test_weights_too_big_for_ram_suggest_a_lower_quantisation(v3):
-    with pytest.raises(PlanError, match=r"the smallest change that fits: --dense q8 \(or [\d.]+ GiB more RAM\)"):
+    with pytest.raises(PlanError, match=r"the smallest change that fits: dense in q8 \(or [\d.]+ GiB more RAM\)") as error:
         plan(v3, Quantization(dense="bf16"), machine("cpu-only", ram=32 * GiB), 4096)
+    assert error.value.fix == Fix("dense", "q8")
+    assert re.search(r"fits: --dense q8 \(or [\d.]+ GiB more RAM\)$", error.value.render({"dense": "--dense"}))
 
 
 def test_experts_barred_from_disk_suggest_the_quantisation_that_fits(v3):
-    with pytest.raises(PlanError, match=r"experts may not be read from disk; the smallest change that fits: --experts q4"):
+    with pytest.raises(PlanError, match=r"experts may not be read from disk; the smallest change that fits: experts in q4") as error:
         plan(v3, Quantization(experts="bf16"), machine(ram=512 * GiB), 4096, Policy(allow_disk=False))
-    with pytest.raises(PlanError, match=r"the smallest change that fits: experts spilling to disk"):
+    assert error.value.fix == Fix("experts", "q4")
+    with pytest.raises(PlanError, match=r"the smallest change that fits: experts spilling to disk") as error:
         plan(v3, Quantization(), machine(ram=128 * GiB), 4096, Policy(allow_disk=False))
+    assert error.value.fix == Fix("allow_disk", True)
 
 
 # ----- the roofline ------------------------------------------------------------------------------

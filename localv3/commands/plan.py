@@ -21,7 +21,7 @@ from localv3.render import format_bytes, format_count
 from offload.alternatives import Alternative, what_would_change
 from offload.gguf_model import GgufModel, nominal_expert_formats, read_gguf, type_named
 from offload.hardware import Hardware
-from offload.planner import Plan, PlanError, Policy, layer_ranges, plan
+from offload.planner import Fix, Plan, PlanError, Policy, layer_ranges, plan
 from offload.profiles import load_profiles
 from offload.quant import ROLE_SCHEMES, Quantization
 from offload.routing_stats import find_profile, load_profile
@@ -115,7 +115,10 @@ def plan_command(
         print(note, file=sys.stderr)
     if profile_path:
         print(f"routing profile: {profile_path}", file=sys.stderr)
-    result = plan(shape, quant, hardware, tokens, policy)
+    try:
+        result = plan(shape, quant, hardware, tokens, policy)
+    except PlanError as error:
+        raise LocalV3Error(error.render(PLAN_FLAGS, _plan_fix)) from None
     alternatives = what_would_change(result, shape, policy)
     advice = _launch_advice(model, source, hardware, gpus, tokens) if gpus else None
     if as_json:
@@ -222,6 +225,22 @@ def _report_hardware(hardware: Hardware) -> None:
 
 
 # ----- tables --------------------------------------------------------------------------------
+# the planner's settings as this command's flags
+PLAN_FLAGS = {
+    "context": "--context",
+    "experts": "--experts",
+    "dense": "--dense",
+    "embeddings": "--embeddings",
+    "cpu_moe": "--cpu-moe",
+    "n_cpu_moe": "--n-cpu-moe",
+    "gpu_experts": "--gpu-experts",
+}
+
+
+def _plan_fix(fix: Fix) -> str:
+    return "experts spilling to disk (drop --no-disk)" if fix.setting == "allow_disk" else fix.describe()
+
+
 def render_plan(result: Plan, shape: ModelShape, alternatives: tuple[Alternative, ...], console: Console) -> None:
     quant = ", ".join(
         f"{role} {name} ({result.bits_per_weight[role]:.3g} bits)" for role, name in result.quantization.to_dict().items()
