@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_cli import ScriptedEngine, scripted_loader
+from mtp_drafts import greedy_draft_counts
 from threads import one_thread
 from typer.testing import CliRunner
 
@@ -21,6 +22,7 @@ from localv3.errors import LocalV3Error
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
+TINY_DIR = REPO / "localv3" / "assets" / "tiny"
 SMALL = ["-p", "8", "-n", "4", "-r", "2"]
 
 
@@ -153,12 +155,24 @@ def test_tests_shrink_to_the_context_with_a_note():
     assert len(notes) == 1
 
 
-def test_mtp_row_of_the_native_engine(chat_model_dir):
-    result = bench(str(chat_model_dir), "-p", "0", "-n", "6", "-r", "1", "--mtp", "--json")
+def test_mtp_row_of_the_native_engine(monkeypatch):
+    """On the bundled tiny model, whose trained MTP head drafts tokens the model keeps: the row's
+    acceptance is the share of drafts that one pass over the greedy answer confirms."""
+    from localv3 import bench as bench_module
+
+    prompts, real_random_tokens = [], bench_module.random_tokens
+    monkeypatch.setattr(bench_module, "random_tokens", lambda *args: prompts.append(real_random_tokens(*args)) or prompts[-1])
+    opened = opened_engines(monkeypatch)
+    result = bench(str(TINY_DIR), "-p", "0", "-n", "16", "-r", "1", "--mtp", "--json")
     assert result.exit_code == 0, result.output
     plain, speculative = json.loads(result.stdout)
     assert (plain["mtp"], speculative["mtp"]) == (False, True)
-    assert plain["mtp_acceptance"] is None and 0.0 <= speculative["mtp_acceptance"] <= 1.0
+    (engine,), prompt = opened, prompts[-1]  # the MTP row's one repetition: the last prompt drawn
+    tokens = engine.generate(prompt, 16, stop_token_ids=[], speculative=False)
+    accepted, drafted = greedy_draft_counts(engine.model, prompt, tokens)
+    assert accepted > 0, "no draft kept: the check below cannot tell a right count from zero"  # measured: 1 of 14
+    assert plain["mtp_acceptance"] is None and speculative["mtp_acceptance"] == pytest.approx(accepted / drafted, rel=1e-3)
+    assert speculative["mtp_tokens_per_step"] == pytest.approx((drafted + accepted) / drafted, rel=1e-3)
     assert speculative["mtp_speedup"] > 0 and speculative["experts_read_per_step"] > 0
 
 
