@@ -13,5 +13,10 @@ class CheckpointError(LocalV3Error):
     """A weight file is missing, truncated, or holds a tensor of the wrong shape or dtype."""
 
 
+class ContextFullError(LocalV3Error):
+    """More tokens than a session's context holds: a prompt or conversation longer than it, or
+    a forward pass past the end of its cache."""
+
+
 class ModelNotFoundError(LocalV3Error):
     """A model name that is neither in models.toml, the hub cache, nor a directory."""

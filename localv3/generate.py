@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from localv3.errors import LocalV3Error
+from localv3.errors import ContextFullError, LocalV3Error
 from localv3.sampling import SamplingSettings, new_generator, sample
 from localv3.tokenizer import StreamDecoder, Tokenizer
 
@@ -25,10 +25,6 @@ class DecodeSession(Protocol):
     def prefill(self, token_ids: list[int]) -> torch.Tensor: ...
 
     def decode(self, token_id: int) -> torch.Tensor: ...
-
-
-class ContextTooLongError(LocalV3Error):
-    pass
 
 
 @dataclass
@@ -103,7 +99,7 @@ def stream_generate(
     if not prompt_ids:
         raise LocalV3Error("the prompt is empty")
     if len(prompt_ids) >= session.capacity:
-        raise ContextTooLongError(
+        raise ContextFullError(
             f"the prompt has {len(prompt_ids)} tokens but the context holds {session.capacity}; "
             "use a shorter prompt or a larger --ctx"
         )

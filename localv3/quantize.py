@@ -51,7 +51,7 @@ from localv3.formats.roles import weight_role
 from localv3.formats.table import ABSORBED_SCHEME, BLOCK_TYPES, DENSE_SCHEMES, EXPERT_SCHEMES, FORMATS, QUANTIZED
 from localv3.quantized import MANIFEST_NAME, Manifest, qweight_name
 from localv3.render import format_bytes
-from localv3.stream_writer import StreamedSafetensors, TensorSpec
+from localv3.stream_writer import StreamedSafetensors, OutputTensor
 
 EXPERT_CHOICES = EXPERT_SCHEMES
 DENSE_CHOICES = DENSE_SCHEMES
@@ -94,7 +94,7 @@ class TensorJob:
 
     source: TensorInfo
     scheme: str  # a block type (q4_k, q4_0, q8_0: quantised) or a dtype name: bf16 | fp32 | same
-    outputs: tuple[TensorSpec, ...]
+    outputs: tuple[OutputTensor, ...]
     scale: TensorInfo | None = None  # FP8 block scales
 
     @property
@@ -170,10 +170,10 @@ def plan(reader: CheckpointReader, config: ModelConfig, settings: QuantizeSettin
         if stored is not None:
             scheme = stored.name
             out_features, in_features = info.shape
-            outputs = (TensorSpec(qweight_name(name), torch.uint8, (out_features, stored.row_bytes(in_features))),)
+            outputs = (OutputTensor(qweight_name(name), torch.uint8, (out_features, stored.row_bytes(in_features))),)
         else:  # float, or rows no block type of the scheme divides: bf16, as the planner sizes them
             dtype = {"fp32": torch.float32, "same": info.dtype}.get(scheme, torch.bfloat16)
-            outputs = (TensorSpec(name, dtype, info.shape),)
+            outputs = (OutputTensor(name, dtype, info.shape),)
         result.shards.setdefault(info.file, []).append(TensorJob(info, scheme, outputs, scale))
     return result
 

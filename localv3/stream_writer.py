@@ -22,7 +22,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class OutputTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -38,7 +38,7 @@ class TensorSpec:
 
 
 class StreamedSafetensors:
-    def __init__(self, path: Path, specs: list[TensorSpec]):
+    def __init__(self, path: Path, specs: list[OutputTensor]):
         self.path = path
         self.specs = {spec.name: spec for spec in specs}
         self.offsets: dict[str, int] = {}

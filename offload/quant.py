@@ -14,7 +14,7 @@ from localv3.formats.table import ABSORBED_SCHEME, FORMATS, WeightFormat
 from localv3.formats.table import weight_format as scheme
 
 if TYPE_CHECKING:
-    from offload.shape import TensorGroup, TensorSpec
+    from offload.shape import TensorGroup, PlannedTensor
 
 ROUTER_SCHEME = FORMATS["fp32"]  # the router runs in fp32
 VECTOR_SCHEME = FORMATS["bf16"]  # norm weights and biases, as the checkpoints store them
@@ -56,7 +56,7 @@ class Quantization:
             return scheme(ABSORBED_SCHEME) if scheme(self.dense).quantized else scheme(self.embeddings)
         return scheme(getattr(self, role))
 
-    def format_of(self, group: TensorGroup, tensor: TensorSpec) -> WeightFormat:
+    def format_of(self, group: TensorGroup, tensor: PlannedTensor) -> WeightFormat:
         """The format `tensor` of `group` is held in: as the file stores it, else its role's scheme."""
         stored = self.stored.get(tensor.role)
         found = stored.get(group.key(tensor)) if stored else None

@@ -31,7 +31,7 @@ from torch import nn
 
 from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
 from localv3.config import ModelConfig
-from localv3.engines.base import DEFAULT_MAX_CONTEXT
+from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.engines.native import NativeEngine, default_device, default_dtype
 from localv3.errors import CheckpointError, LocalV3Error
 from localv3.files import warn

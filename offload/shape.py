@@ -27,7 +27,7 @@ class ParameterCount:
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     role: str  # experts | dense | embeddings | router | vector (see Quantization.scheme_for)
@@ -42,7 +42,7 @@ class TensorGroup:
     name: str
     kind: str
     layer: int | None
-    tensors: tuple[TensorSpec, ...]
+    tensors: tuple[PlannedTensor, ...]
     count: int = 1  # routed_expert: experts in the layer, each holding `tensors`
 
     @property
@@ -53,7 +53,7 @@ class TensorGroup:
     def elements(self) -> int:
         return self.count * self.unit_elements
 
-    def key(self, tensor: TensorSpec) -> str:
+    def key(self, tensor: PlannedTensor) -> str:
         """The tensor's full name for one expert (`model.layers.3.mlp.experts.gate_proj.weight`)."""
         return f"{self.name}.{tensor.name}"
 
@@ -178,12 +178,12 @@ class ModelShape:
         return 4 * (tokens * per_token + scores + self.vocab_size)
 
 
-def _matrix(name: str, out_features: int, in_features: int, role: str) -> TensorSpec:
-    return TensorSpec(f"{name}.weight", (out_features, in_features), role)
+def _matrix(name: str, out_features: int, in_features: int, role: str) -> PlannedTensor:
+    return PlannedTensor(f"{name}.weight", (out_features, in_features), role)
 
 
-def _vector(name: str, size: int, role: str = "vector") -> TensorSpec:
-    return TensorSpec(name, (size,), role)
+def _vector(name: str, size: int, role: str = "vector") -> PlannedTensor:
+    return PlannedTensor(name, (size,), role)
 
 
 def _embedding(c: ModelConfig) -> TensorGroup:
@@ -200,7 +200,7 @@ def _head(c: ModelConfig) -> list[TensorGroup]:
     return [norm, lm_head]
 
 
-def _attention(c: ModelConfig) -> list[TensorSpec]:
+def _attention(c: ModelConfig) -> list[PlannedTensor]:
     h, heads = c.hidden_size, c.num_attention_heads
     tensors = []
     if c.q_lora_rank:
@@ -221,7 +221,7 @@ def _attention(c: ModelConfig) -> list[TensorSpec]:
     return tensors
 
 
-def _mlp(hidden: int, intermediate: int, role: str) -> tuple[TensorSpec, ...]:
+def _mlp(hidden: int, intermediate: int, role: str) -> tuple[PlannedTensor, ...]:
     return (
         _matrix("gate_proj", intermediate, hidden, role),
         _matrix("up_proj", intermediate, hidden, role),

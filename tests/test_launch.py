@@ -231,10 +231,10 @@ def test_plan_with_gpus_says_when_one_box_is_not_enough():
     small = CliRunner().invoke(app, ["plan", "deepseek-v3", "--profile", "rtx4090-epyc-12ch", "--gpus", "8"])
     assert small.exit_code == 0, small.output
     assert "One box is not enough: 4 nodes" in small.stdout
-    assert "localv3 launch sglang deepseek-v3 --gpus 8 --ctx 8192 --nodes 4 --node-rank 0 --master NODE0" in small.stdout
+    assert "localv3 launch sglang deepseek-v3 --gpus 8 --ctx 4096 --nodes 4 --node-rank 0 --master NODE0" in small.stdout  # plan's default context
     large = CliRunner().invoke(app, ["plan", "deepseek-v3", "--gpu-mem", "141GiB", "--gpus", "8", "--json"])
     launch = json.loads(large.stdout)["launch"]
-    assert launch["nodes"] == 1 and launch["engine_command"].endswith("--tp-size 8 --ep-size 8 --context-length 8192")
+    assert launch["nodes"] == 1 and launch["engine_command"].endswith("--tp-size 8 --ep-size 8 --context-length 4096")
 
 
 def test_plan_with_gpus_names_what_no_engine_can_serve():

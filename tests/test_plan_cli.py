@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import cli
 from cli import app
+from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.errors import LocalV3Error
 from offload.planner import Fix, PlanError
 
@@ -89,7 +90,7 @@ def test_a_model_directory_and_a_registry_name(tmp_path):
 
 
 def test_the_default_context_is_capped_by_the_model():
-    assert plan_json(MOONLIGHT, "--profile", "cpu-only")["kv_cache"]["context"] == 8192
+    assert plan_json(MOONLIGHT, "--profile", "cpu-only")["kv_cache"]["context"] == DEFAULT_MAX_CONTEXT
 
 
 def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:
@@ -210,7 +211,7 @@ def test_the_picture_shows_memory_bars_the_decode_split_and_what_would_change_it
     lines = out.splitlines()
     start = lines.index("memory by device")
     gpu, cpu = lines[start + 1], lines[start + 2]
-    assert gpu.startswith("  gpu  █") and "24.00 GiB: █ weights" in gpu and "▓ KV cache 558.00 MiB" in gpu
+    assert gpu.startswith("  gpu  █") and "24.00 GiB: █ weights" in gpu and "▓ KV cache 279.00 MiB" in gpu  # 71,424 B per token (with MTP) x 4,096
     assert cpu.startswith("  cpu  █") and "512.00 GiB: █ weights" in cpu and "KV cache" not in cpu
     decode_ms = 1e3 / data["predicted"]["decode_tok_s"]
     assert lines[start + 3] == f"decode: {decode_ms:.1f} ms per token ({data['predicted']['decode_tok_s']:.2f} tok/s)"

@@ -37,7 +37,7 @@ from localv3.commands.options import (
     resolve_sampling,
     typed_text,
 )
-from localv3.errors import LocalV3Error
+from localv3.errors import ContextFullError, LocalV3Error
 from localv3.render import stats_line
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 PROMPT = ">>> "
 CONTINUATION_PROMPT = "... "
-
-
-class ContextFullError(LocalV3Error):
-    pass
 
 
 class LineReader:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from localv3.commands.plan_picture import picture
 from localv3.config import ModelConfig
+from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.errors import LocalV3Error
 from localv3.render import format_bytes, format_count
 from offload.alternatives import Alternative, what_would_change
@@ -29,7 +30,6 @@ from offload.shape import ModelShape
 from offload.stated import StatedHardware, hardware_for
 from offload.units import format_rate
 
-DEFAULT_CONTEXT = 8192
 KIND_LABELS = {
     "embedding": "embeddings",
     "attention": "attention (MLA)",
@@ -59,7 +59,7 @@ def plan_command(
     pcie: Optional[str] = typer.Option(None, "--pcie", help="PCIe rate per direction, e.g. 25GB/s"),
     cores: Optional[int] = typer.Option(None, "--cores", help="physical CPU cores (scales the CPU's FLOP/s)"),
     context: Optional[int] = typer.Option(
-        None, "--context", help=f"tokens of KV cache to plan for (default {DEFAULT_CONTEXT}, at most the model's)"
+        None, "--context", help=f"tokens of KV cache to plan for (default {DEFAULT_MAX_CONTEXT}, as run and chat hold; at most the model's)"
     ),
     experts: Optional[str] = typer.Option(
         None,
@@ -109,7 +109,7 @@ def plan_command(
         allow_disk=disk,
         routing_profile=load_profile(profile_path) if profile_path else None,
     )
-    tokens = context if context is not None else min(DEFAULT_CONTEXT, shape.max_position_embeddings)
+    tokens = context if context is not None else min(DEFAULT_MAX_CONTEXT, shape.max_position_embeddings)
     _report_hardware(hardware)
     for note in source.notes:
         print(note, file=sys.stderr)

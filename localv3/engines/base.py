@@ -20,8 +20,6 @@ from localv3.sampling import SamplingSettings
 from localv3.tokenizer import Tokenizer
 
 
-DEFAULT_MAX_CONTEXT = 4096  # tokens a session holds unless asked for more
-
 
 class Engine:
     """Subclasses set name, path, config, tokenizer, max_context and implement new_session."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from localv3.config import ModelConfig
+from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.engines.base import Engine
 from localv3.engines.llama_backend import (
     CPU_MOE_PATTERN,
@@ -33,8 +34,7 @@ from localv3.engines.llama_backend import (
     override_array,
     physical_cores,
 )
-from localv3.engines.base import DEFAULT_MAX_CONTEXT
-from localv3.model.cache import ContextFullError
+from localv3.errors import ContextFullError
 from localv3.tokenizer import Tokenizer
 
 ARCH = "deepseek2"
@@ -265,7 +265,7 @@ class LlamaCppSession:
         if engine._live is not self:
             raise LlamaCppError("this llama.cpp session was replaced by a newer one (one session at a time)")
         if self.position + len(token_ids) > self.capacity:
-            raise ContextFullError(self.capacity)
+            raise ContextFullError(f"the context is full ({self.capacity} tokens)")
         batch, rows = engine._batch, []
         for start in range(0, len(token_ids), engine.n_batch):
             part = token_ids[start : start + engine.n_batch]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from localv3.config import ModelConfig
+from localv3.errors import ContextFullError
 
 
 class LatentCache:
@@ -41,14 +42,9 @@ class LatentCache:
         """Store [B, S, *] rows at positions start..start+S-1; return the views [B, start+S, *]."""
         end = start + latent.shape[1]
         if end > self.max_tokens:
-            raise ContextFullError(self.max_tokens)
+            raise ContextFullError(f"the context is full ({self.max_tokens} tokens)")
         rows = latent.shape[1]
         self.latent[layer].narrow(1, start, rows).copy_(latent)
         self.rope_key[layer].narrow(1, start, rows).copy_(rope_key)
         return self.latent[layer].narrow(1, 0, end), self.rope_key[layer].narrow(1, 0, end)
 
-
-class ContextFullError(Exception):
-    def __init__(self, max_tokens: int):
-        super().__init__(f"the context is full ({max_tokens} tokens)")
-        self.max_tokens = max_tokens
