@@ -15,7 +15,7 @@ from threads import one_thread
 from typer.testing import CliRunner
 
 from cli import app
-from localv3.bench import BenchError, BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
+from localv3.measure import BenchError, BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
 from localv3.commands.bench import markdown_table
 from localv3.commands.json_output import rounded
 from localv3.errors import LocalV3Error
@@ -158,7 +158,7 @@ def test_tests_shrink_to_the_context_with_a_note():
 def test_mtp_row_of_the_native_engine(monkeypatch):
     """On the bundled tiny model, whose trained MTP head drafts tokens the model keeps: the row's
     acceptance is the share of drafts that one pass over the greedy answer confirms."""
-    from localv3 import bench as bench_module
+    from localv3 import measure as bench_module
 
     prompts, real_random_tokens = [], bench_module.random_tokens
     monkeypatch.setattr(bench_module, "random_tokens", lambda *args: prompts.append(real_random_tokens(*args)) or prompts[-1])

@@ -278,7 +278,7 @@ def test_bar_cells_add_up_and_show_every_part(seed):
 
 
 def test_plan_show_and_bench_report_one_parameter_count(tmp_path):
-    from localv3.bench import weights_info
+    from localv3.measure import weights_info
     from localv3.synthetic import write_checkpoint
     from model_configs import TINY_V3
 

@@ -56,13 +56,11 @@ def made_up(gpu_gib: float, ram_gib: float, cpu_bw: float = 300e9, gpu_bw: float
         gpu_flops=100e12,
         cpu_name="Test CPU",
         physical_cores=32,
-        numa_nodes=1,
         ram_bytes=int(ram_gib * GiB),
         ram_available_bytes=int(ram_gib * GiB),
         cpu_bw=cpu_bw,
         cpu_flops=4e12,
         pcie_bw=25e9 if gpu_gib else 0.0,
-        disk_free_bytes=None,
         disk_bw=7e9,
     )
 
@@ -521,7 +519,7 @@ def test_refusals_suggest_only_schemes_the_options_take(v3, seed):
 
 
 def test_parameter_counts_are_those_localv3_show_counts():
-    from localv3.inspect import summarize
+    from localv3.model_summary import summarize
 
     tiny_dir = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "tiny"
     shape = ModelShape.from_config(ModelConfig.from_file(tiny_dir), "tiny")

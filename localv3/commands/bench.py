@@ -16,7 +16,7 @@ from localv3.commands.json_output import rounded
 from localv3.errors import LocalV3Error
 
 if TYPE_CHECKING:
-    from localv3.bench import BenchRecord, BenchSettings, WeightsInfo
+    from localv3.measure import BenchRecord, BenchSettings, WeightsInfo
 
 TABLE_COLUMNS = (
     ("model", "left"),
@@ -108,7 +108,7 @@ def _measure_load(
     """Load `model` on `engine` with `n_threads` CPU threads (None: the engine's default; both
     engines take their threads at load) and measure it, record by record; peak memory is this
     load's, up to the end of the record's test."""
-    from localv3.bench import PeakMemory, bench_engine
+    from localv3.measure import PeakMemory, bench_engine
     from localv3.engine_choice import open_engine
 
     memory = PeakMemory()
@@ -130,7 +130,7 @@ def runnable_jobs(
     """(model, engine, weights) for every pair that can be measured, found before minutes of
     measuring; a pair that cannot (no GGUF, llama-cpp-python missing) is skipped with its
     reason, and when none can, the reasons are the error."""
-    from localv3.bench import BenchError, weights_info
+    from localv3.measure import BenchError, weights_info
     from localv3.commands.extras import require_llama_cpp
     from localv3.engine_choice import weights_path
 
@@ -190,7 +190,7 @@ def bench(
     ] = False,
 ) -> None:
     """Measure prefill (ppP) and decode (tgN) speed, llama-bench style (Ctrl-C prints the rows measured so far)."""
-    from localv3.bench import BenchError, BenchSettings, parse_thread_counts
+    from localv3.measure import BenchError, BenchSettings, parse_thread_counts
     from localv3.commands.options import DEFAULT_MODEL
     from localv3.engine_choice import parse_engine_list
 

@@ -15,7 +15,7 @@ def show(
 ) -> None:
     """Show a model's architecture and validate its checkpoint (reads headers, not weights)."""
     from localv3.registry import resolve_model_dir
-    from localv3.inspect import summarize
+    from localv3.model_summary import summarize
 
     summary = summarize(resolve_model_dir(model))
     if as_json:
