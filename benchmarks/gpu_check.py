@@ -325,13 +325,11 @@ def stated_hardware(gpu: Accelerator | None, threads: int):
         gpu_flops=9.9e14 if gpu else 0.0,
         cpu_name="host CPU",
         physical_cores=threads,
-        numa_nodes=1,
         ram_bytes=ram_total,
         ram_available_bytes=ram_free,
         cpu_bw=100e9,
         cpu_flops=1e12,
         pcie_bw=25e9 if gpu else 0.0,
-        disk_free_bytes=None,
         disk_bw=3e9,
     )
 

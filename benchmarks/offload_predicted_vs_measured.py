@@ -59,7 +59,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_checkpoint(Path(tmp) / "v3-110m", V3_110M, dtype=torch.bfloat16)
-        hardware = detect_hardware(model_dir)
+        hardware = detect_hardware()
         for label, quant in QUANTISATIONS.items():
             engine = load_planned(
                 model_dir, hardware, context, quantization=quant, gpu_device="cpu", dtype=torch.float32,

@@ -58,13 +58,11 @@ class Hardware:
     gpu_flops: float  # peak FLOP/s
     cpu_name: str
     physical_cores: int
-    numa_nodes: int
     ram_bytes: int
     ram_available_bytes: int
     cpu_bw: float  # peak bytes/s of the memory system
     cpu_flops: float
     pcie_bw: float  # bytes/s per direction
-    disk_free_bytes: int | None
     disk_bw: float
     achievable: Achievable = field(default_factory=Achievable)
     basis: dict[str, str] = field(default_factory=dict)  # figure -> how it was measured or assumed
@@ -109,24 +107,20 @@ def hardware_from_profile(name: str) -> Hardware:
         gpu_flops=gpu.flops if gpu else 0.0,
         cpu_name=cpu.name,
         physical_cores=cpu.cores,
-        numa_nodes=cpu.numa_nodes,
         ram_bytes=machine.ram_bytes,
         ram_available_bytes=machine.ram_bytes,
         cpu_bw=cpu.bandwidth,
         cpu_flops=cpu.flops,
         pcie_bw=machine.pcie_bw if gpu else 0.0,
-        disk_free_bytes=None,
         disk_bw=machine.disk_bw,
         basis={"cpu_kernels": describe_assumed()},
     )
 
 
 # ----- detection ---------------------------------------------------------------------------
-def detect_hardware(model_path: str | Path | None = None) -> Hardware:
+def detect_hardware() -> Hardware:
     """This machine: GPU 0 through torch.cuda, CPU and RAM through psutil, CPU (and PCIe)
-    rates from the cached probe, free disk where the model lives (else the localv3 home)."""
-    from localv3.registry import localv3_home
-
+    rates from the cached probe; the disk's rate is assumed."""
     profiles = load_profiles()
     basis: dict[str, str] = {}
     gpu = _detect_gpu(basis)
@@ -134,7 +128,6 @@ def detect_hardware(model_path: str | Path | None = None) -> Hardware:
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     memory = psutil.virtual_memory()
     rates = _measured_rates(cpu_name, cores, memory.total, gpu["name"] if gpu else None, basis)
-    disk_free = _disk_free(Path(model_path) if model_path else localv3_home())
     basis["disk_bw"] = f"assumed {format_rate(profiles.default_disk_bw)} (NVMe PCIe 4.0 SSD)"
     measured = Achievable(cpu_bw=1.0, cpu_flops=1.0)  # PCIe figures are practical either way
     return Hardware(
@@ -146,13 +139,11 @@ def detect_hardware(model_path: str | Path | None = None) -> Hardware:
         gpu_flops=gpu["flops"] if gpu else 0.0,
         cpu_name=cpu_name,
         physical_cores=cores,
-        numa_nodes=_numa_nodes(),
         ram_bytes=memory.total,
         ram_available_bytes=memory.available,
         cpu_bw=rates["cpu_bw"],
         cpu_flops=rates["cpu_flops"],
         pcie_bw=rates["pcie_bw"] or 0.0,
-        disk_free_bytes=disk_free,
         disk_bw=profiles.default_disk_bw,
         achievable=measured,
         basis=basis,
@@ -198,18 +189,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _numa_nodes() -> int:
-    nodes = list(Path("/sys/devices/system/node").glob("node[0-9]*"))
-    return max(len(nodes), 1)
-
-
-def _disk_free(path: Path) -> int | None:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return psutil.disk_usage(str(candidate)).free
-    return None
 
 
 # ----- the probe ---------------------------------------------------------------------------

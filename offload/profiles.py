@@ -31,7 +31,6 @@ class CpuSpec:
     key: str
     name: str
     cores: int
-    numa_nodes: int
     bandwidth: float  # peak bytes/s of the memory system
     flops: float
 
@@ -122,7 +121,6 @@ def _cpu(key: str, entry: dict) -> CpuSpec:
         key=key,
         name=entry["name"],
         cores=int(entry["cores"]),
-        numa_nodes=int(entry["numa_nodes"]),
         bandwidth=parse_rate(entry["bandwidth"]),
         flops=parse_flops(entry["flops"]),
     )

@@ -52,7 +52,7 @@ from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
 from localv3.formats.roles import weight_role
-from localv3.formats.table import ABSORBED_SCHEME, FORMATS, BlockType
+from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
@@ -65,8 +65,6 @@ from offload.quant import Quantization
 from offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
 from offload.shape import ModelShape
 
-# config.json torch_dtype -> the planner scheme of a Hugging Face checkpoint stored in it
-CHECKPOINT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 HOST = torch.device("cpu")
 
@@ -343,7 +341,7 @@ def stored_quantization(manifest: Manifest | None, config: ModelConfig) -> Quant
     checkpoint's own precision (FP8 block-scaled, or its torch_dtype) for every role."""
     if manifest is not None:
         return Quantization(experts=manifest.experts, dense=manifest.dense)
-    native = "fp8" if config.fp8_block_size else CHECKPOINT_DTYPES.get(config.torch_dtype or "", "bf16")
+    native = "fp8" if config.fp8_block_size else DTYPE_SCHEMES.get(config.torch_dtype or "", "bf16")
     return Quantization(experts=native, dense=native, embeddings="fp32" if native == "fp32" else "bf16")
 
 
@@ -384,7 +382,7 @@ def load_planned(
         raise LocalV3Error(f"max_context must be a whole number of tokens >= 1, not {context!r}")
     model_dir = resolve_model_dir(model)
     config = ModelConfig.from_file(model_dir)
-    hardware = hardware or detect_hardware(model_dir)
+    hardware = hardware or detect_hardware()
     context = min(context or DEFAULT_MAX_CONTEXT, config.max_position_embeddings)
     policy = policy or Policy()
     profile_path = find_profile(model_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from localv3.render import format_bytes
@@ -180,11 +179,11 @@ def _class_basis(machine: MachineProfile) -> dict[str, str]:
     return basis
 
 
-def hardware_for(profile: str | None, stated: StatedHardware, model_dir: Path | None = None) -> Hardware:
+def hardware_for(profile: str | None, stated: StatedHardware) -> Hardware:
     """What a plan is for: the named profile with the stated figures in place, else the stated
     machine, else this machine as detected (measured)."""
     if profile:
         return stated.apply(hardware_from_profile(profile))
     if stated.anything:
         return stated_machine(stated)
-    return detect_hardware(model_dir)
+    return detect_hardware()

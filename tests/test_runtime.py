@@ -60,7 +60,7 @@ def made_up_hardware(config: ModelConfig, quant: Quantization, gpu_experts: int 
     head = sum(shape.group(kind).bytes(quant) for kind in ("norm", "lm_head", "embedding"))
     gpu = layer(0) + layer(1) + head + gpu_experts * expert + shape.activation_bytes(1) + 100
     ram = layer(2) + layer(3) + ram_experts * expert + 100
-    return Hardware("test", "Test GPU", gpu, gpu, 1e12, 1e14, "Test CPU", 2, 1, ram, ram, 50e9, 1e11, 25e9, None, 3e9)
+    return Hardware("test", "Test GPU", gpu, gpu, 1e12, 1e14, "Test CPU", 2, ram, ram, 50e9, 1e11, 25e9, 3e9)
 
 
 def planned(model_dir: Path, quant: Quantization, **kwargs):

@@ -99,7 +99,7 @@ def plan_command(
     model_dir = source.model_dir
     shape = ModelShape.from_config(source.config, source.name)
     quant = _planned_quantization(source, shape, {"experts": experts, "dense": dense, "embeddings": embeddings})
-    hardware = hardware_for(profile, stated, model_dir)
+    hardware = hardware_for(profile, stated)
     profile_path = routing_profile or find_profile(model_dir)
     policy = Policy(
         cpu_moe=cpu_moe,
