@@ -1,9 +1,10 @@
 """Small files localv3 writes beside its work (caches, profiles): whole or not at all, and never
-a reason for a command to fail."""
+a reason for a command to fail; and the free space of the disk a write will land on."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,3 +34,11 @@ def cache_text(path: Path, text: str, what: str) -> None:
         write_text_atomic(path, text)
     except OSError as exc:
         warn(f"could not save {what} in {path}: {exc.strerror or exc}")
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free

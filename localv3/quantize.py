@@ -45,6 +45,7 @@ from localv3.checkpoint import (
 )
 from localv3.config import ModelConfig
 from localv3.errors import CheckpointError, LocalV3Error
+from localv3.files import free_disk_bytes
 from localv3.formats import ggml
 from localv3.formats.blocks import quantize_to
 from localv3.formats.roles import weight_role
@@ -275,7 +276,7 @@ def prepare_output(target: Path, needed_bytes: int) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(target)
-        free = shutil.disk_usage(target.parent).free
+        free = free_disk_bytes(target.parent)
     except OSError as exc:
         raise OutputError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     if free < needed_bytes + DISK_MARGIN:

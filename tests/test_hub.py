@@ -276,7 +276,7 @@ def test_full_pull_fills_the_hub_cache(fake_hub, tmp_path):
     assert result.exit_code == 0, result.output
     snapshot = storage_dir(tmp_path) / "snapshots" / COMMIT
     assert result.stdout.strip() == str(snapshot)
-    assert "to download 25.8 kB" in result.stderr  # the dry-run summary
+    assert "to download 25.17 KiB" in result.stderr  # the dry-run summary
 
     wanted = [name for name in fake_hub.files if name != "README.md"]
     for name in wanted:
@@ -501,7 +501,7 @@ def test_pull_refuses_when_the_disk_is_too_small(fake_hub, tmp_path, monkeypatch
     monkeypatch.setattr("localv3.hub.pulling.free_disk_bytes", lambda path: 10_000)
     result = run("pull", "fake-moe")
     assert isinstance(result.exception, hub.InsufficientDiskError)
-    assert str(result.exception).startswith("not enough disk space for acme/tiny-moe: 25.8 kB to download, 10.0 kB free")
+    assert str(result.exception).startswith("not enough disk space for acme/tiny-moe: 25.17 KiB to download, 9.77 KiB free")
     assert not [e for e in fake_hub.log if e.path in fake_hub.files]  # nothing fetched
     assert not (storage_dir(tmp_path) / "blobs").exists()
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from localv3.render import format_bytes
+
 if TYPE_CHECKING:
     from localv3.hub import StoredModel
     from localv3.registry import ModelEntry, Registry
@@ -108,7 +110,7 @@ def ls_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
     """List the models that run here (bundled, downloaded, quantized); --all adds those to pull."""
-    from localv3 import hub, registry
+    from localv3 import registry
 
     models = registry.load_registry()
     on_disk = stored_models()
@@ -129,5 +131,5 @@ def ls_command(
     rows = [("NAME", "SIZE", "QUANT", "PATH")]
     for model in listed:
         quant = model.quant if model.complete else f"{model.quant} (incomplete)"
-        rows.append((model.name, hub.format_bytes(model.size_bytes), quant, str(model.path)))
+        rows.append((model.name, format_bytes(model.size_bytes), quant, str(model.path)))
     print_columns(rows)

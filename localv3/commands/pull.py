@@ -12,6 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from localv3.commands.progress_bar import stop_progress
 from localv3.errors import ModelNotFoundError
+from localv3.render import format_bytes
 
 if TYPE_CHECKING:
     from localv3 import hub, registry
@@ -52,8 +53,8 @@ def pull_command(
     with _TerminalProgress() as progress:
         result = hub.pull(request, progress)
     _say(
-        f"{request.repo_id}: {result.files} files, {hub.format_bytes(result.total_bytes)} "
-        f"({hub.format_bytes(result.fetched_bytes)} fetched now) at {result.path}"
+        f"{request.repo_id}: {result.files} files, {format_bytes(result.total_bytes)} "
+        f"({format_bytes(result.fetched_bytes)} fetched now) at {result.path}"
     )
     name = entry.name if entry is not None else request.repo_id
     _print_result({"name": name, **result.to_dict()}, str(result.path), json_output)
@@ -108,10 +109,8 @@ class _TerminalProgress:
             stop_progress(self.bar, exc_type)
 
     def planned(self, plan: hub.PullPlan) -> None:
-        from localv3 import hub
-
         self.plan = plan
-        size = hub.format_bytes
+        size = format_bytes
         _say(
             f"{plan.repo_id}@{plan.revision} ({plan.commit[:12]}): {len(plan.files)} files, {size(plan.total_bytes)}; "
             f"cached {size(plan.cached_bytes)}, partial {size(plan.partial_bytes)}; "

@@ -9,6 +9,7 @@ import typer
 
 from localv3.commands.ls import matches, stored_models
 from localv3.errors import LocalV3Error, ModelNotFoundError
+from localv3.render import format_bytes
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +33,7 @@ def rm_command(
     if not targets:
         raise ModelNotFoundError(f"{model!r} is not on disk (`localv3 ls` lists what is)")
     for target in targets:
-        print(f"{target.name}: {hub.format_bytes(target.size_bytes)} at {target.path}", file=sys.stderr)
+        print(f"{target.name}: {format_bytes(target.size_bytes)} at {target.path}", file=sys.stderr)
     if not yes:
         if not sys.stdin.isatty():
             raise LocalV3Error("not deleting without --yes: stdin is not a terminal to confirm on")

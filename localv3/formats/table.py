@@ -110,6 +110,8 @@ FORMATS: dict[str, WeightFormat] = {
     )
 }
 QUANTIZED = tuple(name for name, f in FORMATS.items() if f.quantized)  # q8, q4
+# config.json torch_dtype -> the scheme a Hugging Face checkpoint stored in it has
+DTYPE_SCHEMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 EXPERT_SCHEMES = QUANTIZED  # what `localv3 quantize --experts` writes
 DENSE_SCHEMES = ("bf16", *QUANTIZED)  # what `localv3 quantize --dense` writes
 

@@ -25,8 +25,6 @@ from localv3.hub.settings import (
     HubAccessError,
     HubSettings,
     InsufficientDiskError,
-    format_bytes,
-    free_disk_bytes,
 )
 
 __all__ = [
@@ -45,8 +43,6 @@ __all__ = [
     "cached_snapshot",
     "check_disk_space",
     "fetch",
-    "format_bytes",
-    "free_disk_bytes",
     "list_stored_models",
     "plan_pull",
     "pull",

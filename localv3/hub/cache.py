@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import scan_cache_dir, snapshot_download
 from huggingface_hub.errors import CacheNotFound, HFValidationError, LocalEntryNotFoundError
 
+from localv3.formats.table import DTYPE_SCHEMES
 from localv3.hub.settings import PARTIAL_SUFFIX, HubSettings, is_weight_file
 from localv3.quantized import MANIFEST_NAME
 
@@ -130,7 +131,6 @@ def _localv3_outputs(outputs_dir: Path) -> list[StoredModel]:
 
 
 _GGUF_TYPE = re.compile(r"(?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=[-.])", re.IGNORECASE)
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "fp32"}
 
 
 def _gguf_quant(names: list[str]) -> str:
@@ -151,7 +151,7 @@ def _stored_precision(snapshot: Path) -> str:
     if method:
         return str(method)
     dtype = config.get("torch_dtype") or config.get("dtype")
-    return _DTYPE_NAMES.get(dtype, str(dtype or "-"))
+    return DTYPE_SCHEMES.get(dtype, str(dtype or "-"))
 
 
 def _manifest_quant(manifest_path: Path) -> str:

@@ -19,7 +19,8 @@ from huggingface_hub.utils import get_session
 
 from localv3.hub.calls import RETRYABLE_STATUS, notice_if_slow
 from localv3.hub.progress import PullProgress
-from localv3.hub.settings import DEFAULT_REQUEST_TIMEOUT_S, PARTIAL_SUFFIX, DownloadError, format_bytes
+from localv3.hub.settings import DEFAULT_REQUEST_TIMEOUT_S, PARTIAL_SUFFIX, DownloadError
+from localv3.render import format_bytes
 
 # After an attempt that saved no new bytes, wait this long and try again; when the delays
 # are used up the pull stops (the next run resumes). An attempt that saved bytes resets them.

@@ -11,18 +11,18 @@ from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
 
 from localv3.errors import ModelNotFoundError
+from localv3.files import free_disk_bytes
 from localv3.hub.cache import cached_snapshot, snapshot_problem
 from localv3.hub.calls import ask_hub, hub_errors
 from localv3.hub.download import ResumableDownload
 from localv3.hub.progress import PullProgress, QuietProgress
+from localv3.render import format_bytes
 from localv3.hub.settings import (
     DEFAULT_REQUEST_TIMEOUT_S,
     PARTIAL_SUFFIX,
     HubAccessError,
     HubSettings,
     InsufficientDiskError,
-    format_bytes,
-    free_disk_bytes,
     is_weight_file,
     repo_storage,
 )

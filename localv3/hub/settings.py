@@ -4,7 +4,6 @@ and the facts of the hub cache layout the rest of the package relies on."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,26 +74,6 @@ def _positive_seconds(variable: str) -> float:
     if not 0 < seconds < 86_400:  # NaN fails too
         raise HubAccessError(f"{variable}={text!r} is not a timeout in seconds (a number above 0)")
     return seconds
-
-
-def format_bytes(count: int) -> str:
-    """Decimal units, as disks are sold: 950 B, 25.8 kB, 688.6 GB."""
-    if abs(count) < 1000:
-        return f"{count} B"
-    value = count / 1000
-    for unit in ("kB", "MB", "GB"):
-        if abs(value) < 1000:
-            return f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
-
-
-def free_disk_bytes(path: Path) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
 
 
 def repo_storage(cache_dir: Path, repo_id: str) -> Path:
