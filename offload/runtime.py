@@ -346,7 +346,7 @@ def stored_quantization(manifest: Manifest | None, config: ModelConfig) -> Quant
 
 
 # Below this hidden size one thread decodes faster than several: each op is too small to
-# outweigh waking sleeping OpenMP workers (cli.py sets OMP_WAIT_POLICY=PASSIVE). Measured on
+# outweigh waking sleeping OpenMP workers (localv3/cli.py sets OMP_WAIT_POLICY=PASSIVE). Measured on
 # 2 cores, random V3 configs, decode tok/s with 1 vs 2 threads: hidden 256: 446 vs 144;
 # 1024: 114 vs 96; 2048: 34.5 vs 47.5.
 MIN_HIDDEN_FOR_THREADS = 2048

@@ -1,4 +1,4 @@
-"""CLI commands, one module each; `register_all` adds them to the typer app in cli.py."""
+"""CLI commands, one module each; `register_all` adds them to the typer app in localv3/cli.py."""
 
 from __future__ import annotations
 
