@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import platform
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,13 @@ def detect_hardware() -> Hardware:
     )
 
 
+# a CUDA (or ROCm) device shows as one of these on Linux: NVIDIA's driver, WSL2's GPU, AMD's KFD
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def _detect_gpu(basis: dict[str, str]) -> dict[str, Any] | None:
+    if sys.platform.startswith("linux") and not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return None  # no GPU driver: importing torch (seconds of start-up) could only say so
     import torch
 
     if not torch.cuda.is_available():

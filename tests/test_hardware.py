@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
 
 import pytest
@@ -371,9 +373,10 @@ def test_kernel_probe_measures_every_scheme(monkeypatch):
     assert CpuKernels.from_dict(kernels.to_dict()) == kernels
 
 
-def test_gpu_detection_through_torch_cuda(home, monkeypatch):
+def test_gpu_detection_through_torch_cuda(home, monkeypatch, tmp_path):
     """The CUDA path, with torch.cuda answering as an RTX 4090 would."""
     props = types.SimpleNamespace(name="NVIDIA GeForce RTX 4090", memory_clock_rate=10501000, memory_bus_width=384)
+    monkeypatch.setattr(hw_module, "GPU_DEVICE_NODES", (str(tmp_path),))  # a driver's device node exists
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (23 * GiB, 24 * GiB))
@@ -384,6 +387,16 @@ def test_gpu_detection_through_torch_cuda(home, monkeypatch):
     assert hw.gpu_mem_bytes == 24 * GiB and hw.gpu_free_bytes == 23 * GiB
     assert hw.gpu_bw == pytest.approx(1008.096e9) and hw.gpu_flops == pytest.approx(165e12)
     assert hw.pcie_bw == 24e9 and "measured" in hw.basis["pcie_bw"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="device nodes are how Linux shows a GPU")
+def test_without_a_gpu_driver_detection_does_not_import_torch(tmp_path):
+    probe = (
+        "import sys; import offload.hardware as h; h.GPU_DEVICE_NODES = (sys.argv[1],); "
+        "assert h._detect_gpu({}) is None; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "no-such-node")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_an_unknown_gpu_without_memory_facts_gets_assumed_rates():
