@@ -12,7 +12,7 @@ Every answer is compared with the one first seen for the same question. The last
 held for `--soak` seconds, the server's resident memory read from /metrics before and after.
 
 HTTP overhead: each question answered in turn by `engine.stream_generate` in this process (the
-same prefix-reusing sessions), over HTTP, and through the `openai` client, rotating, so that
+engine loaded as the server loads it, the same prefix-reusing sessions), over HTTP, and through the `openai` client, rotating, so that
 load changes on a shared machine hit all three alike; overhead = 1 - HTTP tok/s / in-process tok/s.
 """
 
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import openai
 import psutil
 
-import localv3
+from localv3.engine_choice import open_engine
 from localv3.tinydata import held_out_questions
 
 LOCALV3 = Path(sys.executable).parent / "localv3"
@@ -163,7 +163,7 @@ def overhead(url: str, server: psutil.Process, model: str, questions: list[str],
     """tok/s of in-process stream_generate, HTTP and the openai client on the same questions,
     interleaved; and the CPU seconds per token each way (this process's, plus the server's for
     HTTP), which the other loads of a shared machine do not change."""
-    engine = localv3.load(model)
+    engine = open_engine(model)  # as `localv3 serve` (and run, chat) load it: routing statistics recorded
     engine.kept_sessions = 4  # as the server keeps them
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     connection = connect(url)
