@@ -92,32 +92,20 @@ def _truncate(seed: int) -> Callable[[Path], None]:
     return apply
 
 
+def field_cases(file: str, fields, per_field: int, rng: random.Random) -> list[Corruption]:
+    """`per_field` wild values (drawn by `rng`) for each of `fields` in the JSON file `file`."""
+    return [
+        Corruption(f"{file} {field}={value!r}", file, field, _set_field(file, field, value))
+        for field in fields
+        for value in rng.sample(WILD_VALUES, per_field)
+    ]
+
+
 def corruptions() -> list[Corruption]:
     rng = random.Random(20261130)
-    cases = []
-    for field in CONFIG_FIELDS:
-        for value in rng.sample(WILD_VALUES, 2):
-            cases.append(Corruption(f"config.json {field}={value!r}", "config.json", field, _set_field("config.json", field, value)))
-    for field in TOKENIZER_FIELDS:
-        for value in rng.sample(WILD_VALUES, 3):
-            cases.append(
-                Corruption(
-                    f"tokenizer_config.json {field}={value!r}",
-                    "tokenizer_config.json",
-                    field,
-                    _set_field("tokenizer_config.json", field, value),
-                )
-            )
-    for field in GENERATION_FIELDS:
-        for value in rng.sample(WILD_VALUES, 3):
-            cases.append(
-                Corruption(
-                    f"generation_config.json {field}={value!r}",
-                    "generation_config.json",
-                    field,
-                    _set_field("generation_config.json", field, value),
-                )
-            )
+    cases = field_cases("config.json", CONFIG_FIELDS, 2, rng)
+    cases += field_cases("tokenizer_config.json", TOKENIZER_FIELDS, 3, rng)
+    cases += field_cases("generation_config.json", GENERATION_FIELDS, 3, rng)
     cases += [Corruption(f"header flip seed {seed}", MODEL_FILE, None, _flip_header_bytes(seed)) for seed in range(20)]
     cases += [Corruption(f"truncated seed {seed}", MODEL_FILE, None, _truncate(seed)) for seed in range(4)]
     return cases
