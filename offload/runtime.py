@@ -11,10 +11,10 @@
 - the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4,
 a dense FFN or shared expert whose three matrices are quantised as one QuantFeedForward.
 MLA's absorbed W_UK/W_UV (from kv_b_proj) in Q8_0 whenever the dense scheme is quantised
-(QuantHeadProjection), else in the compute dtype. Held in the compute dtype whatever the plan
-says: embed_tokens, lm_head and the MTP eh_proj (the model code reads their `.weight`), any matrix whose
-input dimension no block type of the format divides, and every float scheme (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there
-are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
+(QuantHeadProjection), else in the compute dtype. Held in the compute dtype: the embeddings
+role (embed_tokens, lm_head, the MTP eh_proj: bf16 or FP8-stored, never a block type), any
+matrix whose input dimension no block type of the format divides, and every float scheme
+(fp32, bf16, fp16, fp8: FP8 is dequantised at load, there are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
 
 `load_planned`: a model -> a Plan for this machine (or given hardware) -> a PlannedEngine.
