@@ -471,6 +471,17 @@ def test_requests_get_503_while_the_model_loads(scripted_dir):
     assert answer.choices[0].message.content == "ready"
 
 
+def test_a_server_stopped_while_loading_does_not_wait_for_the_model(scripted_dir):
+    release = threading.Event()
+    server = BackgroundServer(
+        ServerSettings(port=0, app=AppSettings("scripted")), lambda: release.wait(60), wait_for_model=False
+    )
+    with server:
+        pass
+    assert not server.thread.is_alive() and server.service.worker.thread.is_alive()  # still loading
+    release.set()
+
+
 # ----- the command -------------------------------------------------------------------------------
 LOCALV3 = Path(sys.executable).parent / "localv3"
 

@@ -120,8 +120,9 @@ class GenerationWorker:
         return self.queue.qsize()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the running job (or wait `timeout` s) after the ones queued before, then end the thread."""
-        if self.thread.is_alive():
+        """Finish the running job (or wait `timeout` s) after the ones queued before, then end the
+        thread; a model still loading is not waited for (the thread is a daemon)."""
+        if self.thread.is_alive() and self.served is not None:
             self.queue.put(None)
             self.thread.join(timeout)
 
