@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from localv3.config import ModelConfig
@@ -192,13 +192,7 @@ class BoxFit:
     nodes: int  # boxes needed
 
     def to_dict(self) -> dict:
-        return {
-            "weights_bytes": self.weights_bytes,
-            "kv_bytes": self.kv_bytes,
-            "gpus": self.gpus,
-            "gpu_bytes": self.gpu_bytes,
-            "nodes": self.nodes,
-        }
+        return asdict(self)
 
 
 def box_fit(config: ModelConfig, gpus: int, gpu_bytes: int, context: int) -> BoxFit:
