@@ -28,8 +28,8 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-import cli
-from cli import app
+import localv3.cli as cli
+from localv3.cli import app
 from localv3.launch import LaunchError, Topology, box_fit, launch_advice, launch_command, launch_target
 from localv3.quantized import Manifest
 from localv3.registry import config_for, resolve_model_dir

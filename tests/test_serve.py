@@ -27,7 +27,7 @@ from tokenizers import AddedToken
 from typer.testing import CliRunner
 
 import localv3
-from cli import app
+from localv3.cli import app
 from localv3.engines.base import Engine
 from localv3.serve.app import AppSettings
 from localv3.serve.server import BackgroundServer, ServerSettings
