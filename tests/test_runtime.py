@@ -2,7 +2,7 @@
 the "gpu" being the CPU device here) gives the unplaced engine's tokens and logits; routing
 statistics are recorded, saved and used by the planner.
 
-Tolerances, measured on tiny random checkpoints (seeds 0-2, this layout):
+Tolerances, measured on tiny random checkpoints (seeds 0-4, this layout):
 - float schemes: exact (max |logit difference| 0.0; asserted <= 1e-5), same greedy tokens.
 - q8/q4: against the unplaced engine on the same weights rounded to q8/q4 (or on the same
   localv3 quantized checkpoint), with every block matrix dequantised per call (the GPU path):
@@ -11,6 +11,13 @@ Tolerances, measured on tiny random checkpoints (seeds 0-2, this layout):
   error, except where a router's top-k choice is a near tie on these random weights and the
   noise flips it (14-25%): so the kernels are tested on their own (test_quant_kernels.py) and
   end to end on the trained tiny model (test_quantize.py), not here.
+- bf16 compute on the same rounded q4/q8 weights: against the fp32 unplaced engine with the
+  bf16 engine's expert choices imposed on it, at most 2.0-3.2% relative RMS logit error per
+  position (seeds 0-7, bf16 on the CPU; asserted <= 6%). Left to route freely, the fp32
+  reference picks other experts where a router's top-k is a near tie (0-2 of the 40 routings
+  per seed: asserted at least 85% the same) and every later position differs by 21-96%; the
+  rounding to q4/q8 itself moves the logits 12-32% from the unrounded fp32 weights (argmax
+  agreement 0.65-0.9). Neither says anything about the bf16 path, so neither is the reference.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from offload.hardware import Hardware
 from offload.layout import CPU, DISK, GPU
 from offload.planner import Policy, plan
 from offload.quant import Quantization
-from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile
+from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile, moe_layers
 from offload.runtime import MIN_HIDDEN_FOR_THREADS, PlannedEngine, default_cpu_threads, load_planned
 from offload.shape import ModelShape
 
@@ -182,7 +189,7 @@ def test_mtp_head_matches_on_its_placed_device(model_dir, reference):
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("experts,dense", [("q8", "q8"), ("q4", "q8"), ("q4", "q4")])
 def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, monkeypatch, experts, dense, seed):
     """With the kernels' arithmetic taken out (every block matrix dequantised per call, as on a
@@ -196,6 +203,47 @@ def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, monkeypatch, 
     engine, ref = planned(rounded, quant), unplaced(rounded)
     torch.testing.assert_close(engine.logits(PROMPT), ref.logits(PROMPT), atol=1e-5, rtol=0)
     assert engine.generate(PROMPT, 16) == ref.generate(PROMPT, 16)
+
+
+BF16_QUANT = Quantization(experts="q4", dense="q8", embeddings="bf16")
+
+
+def bf16_error_under_the_same_routing(rounded: Path, gpu_device: str) -> tuple[torch.Tensor, float]:
+    """A bf16 plan of `rounded` (q4/q8 weights already rounded) against the unplaced fp32 engine
+    on the same weights, with the bf16 engine's routing (expert ids and weights) imposed on the
+    reference. -> (relative RMS logit difference per prompt position [T], the share of (layer,
+    token) routings where the reference's own router picked the same experts)."""
+    config = ModelConfig.from_file(rounded)
+    engine = load_planned(
+        rounded, made_up_hardware(config, BF16_QUANT), CONTEXT, TIGHT, BF16_QUANT, gpu_device=gpu_device, dtype=torch.bfloat16, cpu_threads=1
+    )
+    routed = {}
+    for layer, moe in moe_layers(engine.model):
+        moe.gate.register_forward_hook(lambda router, inputs, out, layer=layer: routed.setdefault(layer, out))
+    logits = engine.logits(PROMPT)  # [T, V]
+    reference = unplaced(rounded)
+
+    same = []
+
+    def impose(out, layer):
+        indices, weights = routed[layer]  # [T, k] each: the one forward over the prompt
+        assert indices.shape == out[0].shape
+        same.append((indices.cpu().sort(-1).values == out[0].sort(-1).values).all(-1))  # [T]
+        return indices.cpu(), weights.float().cpu()
+
+    for layer, moe in moe_layers(reference.model):
+        moe.gate.register_forward_hook(lambda router, inputs, out, layer=layer: impose(out, layer))
+    expected = reference.logits(PROMPT)  # [T, V]
+    error = (logits - expected).pow(2).mean(-1).sqrt() / expected.pow(2).mean(-1).sqrt()
+    return error, torch.cat(same).float().mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(ggml, "available", lambda: False)  # block matrices dequantised per call, as on a GPU
+    rounded = write_rounded_checkpoint(tmp_path / "rounded", Quantization(experts="q4", dense="q8", embeddings="fp32"), seed)
+    error, same_routing = bf16_error_under_the_same_routing(rounded, "cpu")
+    assert error.max() <= 0.06 and same_routing >= 0.85
 
 
 def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir, monkeypatch):
@@ -326,17 +374,23 @@ def test_cuda_plan_overlaps_host_experts_and_matches(model_dir, reference):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir, reference):
+def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir):
     config = ModelConfig.from_file(model_dir)
-    quant = Quantization(experts="q4", dense="q8", embeddings="bf16")
-    engine = load_planned(model_dir, made_up_hardware(config, quant), CONTEXT, TIGHT, quant, gpu_device="cuda")
+    engine = load_planned(model_dir, made_up_hardware(config, BF16_QUANT), CONTEXT, TIGHT, BF16_QUANT, gpu_device="cuda")
     assert engine.dtype == torch.bfloat16
     cache = engine.new_session(8).cache
     assert [t.device.type for t in cache.latent] == ["cuda", "cuda", "cpu", "cpu"]
-    logits = engine.logits(PROMPT)
-    assert torch.isfinite(logits).all()
-    agree = (logits.argmax(-1) == reference[1].argmax(-1)).float().mean().item()
-    assert agree >= 0.5  # bf16 and q4/q8 vs fp32 on random weights (fp32 q4/q8: 0.75-0.9): argmax agreement only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_cuda_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, monkeypatch, seed):
+    """The bound measured with bf16 on the CPU (module docstring): cuBLAS accumulates bf16 products
+    in fp32 as the CPU does; not yet measured on a GPU."""
+    monkeypatch.setattr(ggml, "available", lambda: False)
+    rounded = write_rounded_checkpoint(tmp_path / "rounded", Quantization(experts="q4", dense="q8", embeddings="fp32"), seed)
+    error, same_routing = bf16_error_under_the_same_routing(rounded, "cuda")
+    assert error.max() <= 0.06 and same_routing >= 0.85
 
 
 @pytest.mark.parametrize("mtp_speedup, expected", [(1.4, True), (0.8, False)])
