@@ -74,8 +74,10 @@ def write_gguf(path: Path, tensors: dict, metadata: bool = True) -> Path:
     """A GGUF holding `tensors` (zeros: planning reads headers only) with CONFIG's metadata."""
     writer = gguf.GGUFWriter(path, "deepseek2")
     if metadata:
+        special = gguf.SpecialVocab(path.parent, n_vocab=CONFIG["vocab_size"])  # no tokenizer files: ids below
+        special.special_token_ids = {"bos": 0, "eos": 1}
         vocab = {"pre": "default", "tokens": [f"t{i}" for i in range(CONFIG["vocab_size"])], "types": [1] * CONFIG["vocab_size"],
-                 "merges": [], "bos": 0, "eos": 1, "add_bos": False, "chat_template": None}  # fmt: skip
+                 "special": special}  # fmt: skip
         _write_metadata(writer, ModelConfig.from_dict(CONFIG), vocab, path.stem, int(gguf.LlamaFileType.MOSTLY_IQ1_S))
     for name, (shape, ggml_type) in tensors.items():
         block, block_bytes = GGML_QUANT_SIZES[ggml_type]
