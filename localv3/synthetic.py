@@ -1,10 +1,11 @@
 """Random DeepSeek-V3-architecture checkpoints with the real tensor names.
 
-Used by the tests (tiny configs), the benchmarks (~100M-parameter V3-shaped models) and the
-fallback demo model. Weights are scaled like a trained model's (std ~ 1/sqrt(fan_in)) so that
-logits are far from uniform and greedy decoding is meaningful. write_checkpoint_streaming writes
-the same tensors shard by shard for models larger than memory (benchmarks/slice_vs_llamacpp.py's
-DeepSeek-V3-width slice), and train_random_tokenizer gives such models a BPE vocabulary of any size.
+Used by the tests (tiny configs) and the benchmarks (~100M-parameter V3-shaped models);
+scripts/train_tiny.py grows TINY_V3's architecture into the bundled tiny model's. Weights are
+scaled like a trained model's (std ~ 1/sqrt(fan_in)) so that logits are far from uniform and
+greedy decoding is meaningful. write_checkpoint_streaming writes the same tensors shard by shard
+for models larger than memory (benchmarks/slice_vs_llamacpp.py's DeepSeek-V3-width slice), and
+train_random_tokenizer gives such models a BPE vocabulary of any size.
 """
 
 from __future__ import annotations

@@ -1,11 +1,18 @@
 """Routing statistics: how many tokens each MoE layer sent to each routed expert.
 
-A run records them from each MoE layer's router and saves them as a routing profile, JSON, in
-`$LOCALV3_HOME/profiles/<model>.json` (never in the model's own directory, which may be a hub
-snapshot or the installed package); a profile shipped next to a model
-(`<model dir>/routing_profile.json`) is read first. The planner reads a profile as
+An engine loaded with routing recorded (the CLI's) counts every router's choices and saves them
+after each generation (`RoutingStats.save`) as a routing profile: JSON with `format`, `model`,
+`n_routed_experts` and `layers` ({layer: [count per expert]}), in the localv3 home
+(`$LOCALV3_HOME`, else `~/.localv3`) as `profiles/<name>.json`, <name> being the model
+directory's name or, for a Hugging Face cache snapshot, its repository's folder. The model's
+own directory is never written: it may be a hub snapshot or the installed package.
+
+A profile shipped next to a model (`<model dir>/routing_profile.json`) is read before the
+recorded one, by the planner and as a run's starting counts. A run saves the counts it started
+from plus its own: without a shipped profile counts accumulate over runs; with one, the saved
+file holds the shipped counts plus the last run's. The planner reads a profile as
 `Policy.routing_profile` ({MoE layer: [count per expert]}) to pick the hottest experts for
-spare VRAM. Counts accumulate over runs: a run starts from the saved ones.
+spare VRAM.
 """
 
 from __future__ import annotations
