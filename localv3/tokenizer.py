@@ -139,7 +139,16 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[ChatMessage] | list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """The chat template reads a `tools` variable (function definitions it writes itself)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def render_chat(
+        self, messages: list[ChatMessage] | list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The conversation through the chat template; `tools` (OpenAI-style function
+        definitions) reach templates that render them, as transformers passes them."""
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; use --raw")
         if self._template is None:
@@ -152,6 +161,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **({"tools": tools} if tools is not None else {}),
             ):
                 length += len(piece)
                 if length > MAX_RENDERED_CHARS:  # counted as it renders: a runaway template stops here
@@ -164,10 +174,10 @@ class Tokenizer:
             raise TokenizerError(f"chat template: {exc}") from None
         return "".join(pieces)
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
         """The rendered conversation -> ids (the template writes the BOS token itself). Only the
-        template's own markers become special tokens: a user's or system text that spells one
-        (`<｜Assistant｜>` typed or piped in) is encoded as the plain text it is."""
+        template's own markers become special tokens: a user's, system or tool text that spells
+        one (`<｜Assistant｜>` typed, piped in or returned by a tool) is encoded as the plain text it is."""
         as_dicts = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
         typed: dict[str, str] = {}  # placeholder -> text encoded with special tokens disabled
         for i, message in enumerate(as_dicts):
@@ -176,7 +186,7 @@ class Tokenizer:
                 placeholder = f"{PLACEHOLDER_OPEN}{i}{PLACEHOLDER_CLOSE}"
                 typed[placeholder] = content
                 as_dicts[i] = {**message, "content": placeholder}
-        text = self.render_chat(as_dicts, add_generation_prompt)
+        text = self.render_chat(as_dicts, add_generation_prompt, tools)
         ids: list[int] = []
         for piece in PLACEHOLDER.split(text):
             if piece in typed:
@@ -197,7 +207,7 @@ class Tokenizer:
 
 
 MAX_RENDERED_CHARS = 1 << 22  # ~4M characters: DeepSeek-V3's 163,840-token context is under 1M
-TYPED_ROLES = ("user", "system")  # whose text comes from a person, not from the model
+TYPED_ROLES = ("user", "system", "tool")  # whose text comes from outside the model
 PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ue000", "\ue001"  # private-use characters
 PLACEHOLDER = re.compile(f"({PLACEHOLDER_OPEN}\\d+{PLACEHOLDER_CLOSE})")
 

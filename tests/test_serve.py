@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -392,6 +393,22 @@ def test_tool_call_round_trip(scripted_dir, stream):
     assert second.choices[0].message.content == "It is 21 C in Paris." and second.choices[0].finish_reason == "stop"
     assert CALL_BEGIN + "function" + SEPARATOR + "get_weather" in model.prompts[1]
     assert "<｜tool▁output▁begin｜>21 C, sunny<｜tool▁output▁end｜>" in model.prompts[1]
+
+
+def test_a_template_that_renders_tools_gets_them_instead_of_a_system_message(scripted_dir, tmp_path):
+    model_dir = Path(shutil.copytree(scripted_dir, tmp_path / "renders-tools"))
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" + config["chat_template"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    model = ScriptedModel(model_dir, weather_agent)
+    with scripted_server(model) as url:
+        first = client(url).chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+        )
+    assert first.choices[0].finish_reason == "tool_calls"
+    prompt = model.prompts[0]
+    assert f"<tools>{json.dumps([WEATHER_TOOL], ensure_ascii=False)}</tools>" in prompt
+    assert prompt.count("get_weather") == 1  # the template's own rendering, no system-message copy
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -85,8 +85,12 @@ def chat_work(request: ChatRequest):
         uses_tools = request.tools or any(m["role"] == "tool" or "tool_calls" in m for m in request.messages)
         if uses_tools and served.tools is None:
             raise bad_request("this model's chat template has no tool-call format", "tools")
-        messages = offer_functions(request.messages, request.tools, served.tools) if request.tools else request.messages
-        prompt_ids = tokenizer.encode_chat(messages)
+        if request.tools and tokenizer.renders_tools:  # the template writes the definitions itself, in OpenAI's form
+            tools = [{"type": "function", "function": function} for function in request.tools]
+            prompt_ids = tokenizer.encode_chat(request.messages, tools=tools)
+        else:
+            messages = offer_functions(request.messages, request.tools, served.tools) if request.tools else request.messages
+            prompt_ids = tokenizer.encode_chat(messages)
         opens_think = prompt_opens_think(tokenizer.decode(prompt_ids[-THINK_TAIL_TOKENS:], skip_special_tokens=False))
         splitter = AnswerSplitter(tokenizer, opens_think, served.tools if request.tools else None)
         return generate(served, prompt_ids, request.sampling, job, splitter)
