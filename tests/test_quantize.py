@@ -297,6 +297,7 @@ def quantize_command(source: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", "import cli; cli.main()", "quantize", str(source), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_term_and_kill_leave_no_finished_looking_output(tmp_path):
     with one_thread():
         source = write_checkpoint(tmp_path / "src", MANY_TENSORS, fp8=True, shards=2)
