@@ -5,7 +5,7 @@ One MoE layer's bank of `--experts` V3 routed experts (gate+up [4096, 7168], dow
 in each format, called as the engine calls it (`QuantExpertBank.forward`: ggml's mul_mat_id graph
 on the CPU), at T = 1, 2, 4, 8, 64 tokens with top-8 routing; plus one expert alone at T = 1.
 Effective GB/s = bytes of the distinct experts the call reads / median time. The bandwidth probe
-is offload.hardware.measure_cpu (an fp32 matrix-vector product over 512 MiB). Experts differ
+is localv3.offload.hardware.measure_cpu (an fp32 matrix-vector product over 512 MiB). Experts differ
 from call to call and the bank is larger than the caches, so the weights stream from RAM.
 
     python benchmarks/expert_kernels.py [--threads 2] [--experts 32] [--repeats 9] [--json]
@@ -27,7 +27,7 @@ import torch
 from localv3.formats.blocks import quantize_weight
 from localv3.formats.modules import QuantExpertBank
 from localv3.formats.table import FORMATS
-from offload.hardware import measure_cpu
+from localv3.offload.hardware import measure_cpu
 
 DIM, HIDDEN, TOP_K = 7168, 2048, 8
 TOKEN_COUNTS = (1, 2, 4, 8, 64)

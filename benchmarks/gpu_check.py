@@ -6,7 +6,7 @@ but few layers (default 3: 1 dense + 2 MoE), few routed experts (default 32, top
 2, 1 shared expert) and a 2048-token vocabulary, stored in bf16 (localv3.synthetic's streaming
 writer, shards of ~1 GiB):
 
-1. `cpu`: `offload.runtime.load_planned` for a machine without a GPU, fp32: the reference.
+1. `cpu`: `localv3.offload.runtime.load_planned` for a machine without a GPU, fp32: the reference.
 2. `hybrid`: the same for a machine stating the real GPU (its memory) and this host's RAM, with
    every routed expert kept in RAM (Policy.cpu_moe): attention, dense FFN, shared experts, norms,
    router, embeddings and lm_head on the GPU, routed experts computed by the CPU; bf16.
@@ -215,7 +215,7 @@ def slice_config(layers: int, experts: int, vocab: int, mtp: bool) -> dict[str, 
 
 def parameter_count(raw: dict[str, Any]) -> int:
     from localv3.config import ModelConfig
-    from offload.shape import ModelShape
+    from localv3.offload.shape import ModelShape
 
     return sum(g.elements for g in ModelShape.from_config(ModelConfig.from_dict(raw), "slice").groups)
 
@@ -313,7 +313,7 @@ def host_ram() -> tuple[int, int]:
 def stated_hardware(gpu: Accelerator | None, threads: int):
     """Hardware for the planner: this host's RAM and cores, and `gpu` (None: no GPU). Rates are
     placeholders: they only feed the plan's predictions, which this check does not use."""
-    from offload.hardware import Hardware
+    from localv3.offload.hardware import Hardware
 
     ram_total, ram_free = host_ram()
     return Hardware(
@@ -340,9 +340,9 @@ class Variant:
     name: str
     device: str  # the runtime's gpu_device
     dtype: str  # torch dtype name
-    hardware: Any  # offload.hardware.Hardware
-    policy: Any  # offload.planner.Policy
-    quantization: Any  # offload.quant.Quantization
+    hardware: Any  # localv3.offload.hardware.Hardware
+    policy: Any  # localv3.offload.planner.Policy
+    quantization: Any  # localv3.offload.quant.Quantization
     required: bool  # a skip is a FAIL
 
     def torch_dtype(self):
@@ -352,8 +352,8 @@ class Variant:
 
 
 def variants(gpu: Accelerator, threads: int) -> list[Variant]:
-    from offload.planner import Policy
-    from offload.quant import Quantization
+    from localv3.offload.planner import Policy
+    from localv3.offload.quant import Quantization
 
     policy = Policy(allow_disk=False)
     fp32, bf16 = Quantization("fp32", "fp32", "fp32"), Quantization("bf16", "bf16", "bf16")
@@ -367,7 +367,7 @@ def variants(gpu: Accelerator, threads: int) -> list[Variant]:
 
 def layout_problem(name: str, layout) -> str | None:
     """What is wrong with a planned layout for variant `name` (None: as intended)."""
-    from offload.layout import CPU as ON_CPU, GPU as ON_GPU
+    from localv3.offload.layout import CPU as ON_CPU, GPU as ON_GPU
 
     resident = set(layout.layer_devices) | {layout.head_device, layout.embedding_device}
     experts = {d for devices in layout.expert_devices.values() for d in devices}
@@ -386,8 +386,8 @@ def layout_problem(name: str, layout) -> str | None:
 
 def planned_layout(model_dir: Path, variant: Variant, context: int):
     from localv3.config import ModelConfig
-    from offload.planner import plan
-    from offload.shape import ModelShape
+    from localv3.offload.planner import plan
+    from localv3.offload.shape import ModelShape
 
     shape = ModelShape.from_config(ModelConfig.from_file(model_dir), model_dir.name)
     return plan(shape, variant.quantization, variant.hardware, context, variant.policy).layout
@@ -517,7 +517,7 @@ def run_variant(variant: Variant, model_dir: Path, prompt: list[int], prefill_id
 
 
 def load(variant: Variant, model_dir: Path, context: int, threads: int, gpu: Accelerator, clock: Clock, result: Result):
-    from offload.runtime import load_planned
+    from localv3.offload.runtime import load_planned
 
     release_memory(gpu)
     if gpu.is_cuda:

@@ -1,9 +1,9 @@
 """Decode speed of the offload runtime vs the planner's prediction, on this machine, CPU only.
 
 A random ~110M-parameter DeepSeek-V3-shaped model (the one benchmarks/engine_vs_transformers.py
-uses), planned for this machine as detected (`offload.hardware.detect_hardware`; without a GPU
+uses), planned for this machine as detected (`localv3.offload.hardware.detect_hardware`; without a GPU
 the plan is the cpu-only kind: everything in RAM) under a few quantisations, built by
-`offload.runtime.load_planned`, and timed: greedy plain decoding after a short prompt, the
+`localv3.offload.runtime.load_planned`, and timed: greedy plain decoding after a short prompt, the
 median step; the unplaced engine (`localv3.load`, fp32) is timed beside them. Prints a table and JSON.
 
     python benchmarks/offload_predicted_vs_measured.py [--threads N] [--prompt 32] [--tokens 64]
@@ -24,10 +24,10 @@ import torch
 import localv3
 from engine_vs_transformers import V3_110M  # benchmarks/ is on sys.path when this script runs
 from localv3.synthetic import write_checkpoint
-from offload.hardware import detect_hardware
-from offload.quant import Quantization
-from offload.runtime import load_planned
-from offload.units import format_rate
+from localv3.offload.hardware import detect_hardware
+from localv3.offload.quant import Quantization
+from localv3.offload.runtime import load_planned
+from localv3.offload.units import format_rate
 
 QUANTISATIONS = {  # float schemes run in fp32 on the CPU, so they are planned as fp32
     "q4 experts, q8 dense": Quantization(experts="q4", dense="q8", embeddings="fp32"),

@@ -1,7 +1,7 @@
 """`localv3.load`: the one way a model is loaded, for the Python API and the CLI alike.
 
 A GGUF file (or `engine="llama.cpp"`) gets the llama.cpp engine; anything else is planned for
-this machine (or the `hardware` given) and built by offload.runtime: the same PlannedEngine
+this machine (or the `hardware` given) and built by localv3.offload.runtime: the same PlannedEngine
 that `localv3 chat` uses, with the same placement, quantisation and context options.
 """
 
@@ -16,9 +16,9 @@ from localv3.engine_choice import ENGINE_NAMES, EngineChoiceError, weights_path
 
 if TYPE_CHECKING:
     from localv3.engines.base import Engine
-    from offload.hardware import Hardware
-    from offload.planner import Policy
-    from offload.quant import Quantization
+    from localv3.offload.hardware import Hardware
+    from localv3.offload.planner import Policy
+    from localv3.offload.quant import Quantization
 
 
 def load(
@@ -52,7 +52,7 @@ def load(
         except ImportError as exc:
             raise EngineChoiceError(f"the llama.cpp engine is not available ({exc}); install localv3[llama]") from None
         return load_gguf(path, max_context=max_context, n_threads=cpu_threads)
-    from offload.runtime import load_planned  # the layer above the model: imported when used
+    from localv3.offload.runtime import load_planned  # the layer above the model: imported when used
 
     return load_planned(
         path,

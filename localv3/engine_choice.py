@@ -78,7 +78,7 @@ def open_engine(
     """The CLI's load: `localv3.load`, recording routing statistics (they feed the next plan);
     `threads`: CPU threads to compute with (default: the engine's own choice)."""
     from localv3.api import load
-    from offload.planner import PlanError
+    from localv3.offload.planner import PlanError
 
     try:
         return load(model, engine=engine, max_context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)

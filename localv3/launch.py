@@ -196,8 +196,8 @@ class BoxFit:
 
 
 def box_fit(config: ModelConfig, gpus: int, gpu_bytes: int, context: int) -> BoxFit:
-    from offload.quant import Quantization
-    from offload.shape import ModelShape
+    from localv3.offload.quant import Quantization
+    from localv3.offload.shape import ModelShape
 
     if gpu_bytes <= 0:
         raise LaunchError("--gpus needs the memory of one GPU: this machine has none; give --gpu-mem or --profile")

@@ -1,5 +1,5 @@
-"""From checkpoint tensor names to module parameters: the pieces offload.runtime builds a
-model with (the one load path: localv3.api.load -> plan -> offload.runtime.build_model).
+"""From checkpoint tensor names to module parameters: the pieces localv3.offload.runtime builds a
+model with (the one load path: localv3.api.load -> plan -> localv3.offload.runtime.build_model).
 
 `expected_tensors` lists every checkpoint tensor the model needs with its shape, so a
 checkpoint is validated (missing tensors, wrong shapes) before any weight is read; the model is

@@ -5,7 +5,7 @@ Everything runs through the common Engine interface, so native and llama.cpp eng
 measured the same way, each at the CPU thread count it was loaded with. Peak memory is per
 load: the resident set's high-water mark is reset before loading where Linux allows it, and
 torch's CUDA allocator peak is read when a GPU is present. The prediction beside a native
-measurement is the roofline figure of the plan the engine was built from (offload.runtime's
+measurement is the roofline figure of the plan the engine was built from (localv3.offload.runtime's
 load_planned: the checkpoint's stored schemes on this machine), never a second plan.
 """
 
@@ -30,7 +30,7 @@ from localv3.render import mtp_acceptance
 if TYPE_CHECKING:
     from localv3.engines.base import Engine
     from localv3.generate import GenerationStats
-    from offload.planner import Plan
+    from localv3.offload.planner import Plan
 
 THREAD_COUNT = re.compile(r"[0-9]+")
 
@@ -138,7 +138,7 @@ def weights_info(path: Path) -> WeightsInfo:
         return WeightsInfo(path.stat().st_size, sum(int(t.n_elements) for t in tensors))
     from localv3.checkpoint import CheckpointReader
     from localv3.config import ModelConfig
-    from offload.shape import ModelShape
+    from localv3.offload.shape import ModelShape
 
     tensors = CheckpointReader(path).tensors
     config = ModelConfig.from_file(path)
@@ -186,7 +186,7 @@ def _cuda():
 def engine_plan(engine: Engine) -> Plan | None:
     """The offload plan the native engine was built from (its schemes are what the checkpoint
     stores, its prediction is for this machine); None for other engines."""
-    from offload.runtime import PlannedEngine
+    from localv3.offload.runtime import PlannedEngine
 
     return engine.plan if isinstance(engine, PlannedEngine) else None
 

@@ -299,8 +299,8 @@ def test_absurd_stated_hardware_is_one_line_not_an_overflow(option, value, messa
 
 @pytest.mark.parametrize("corrupt", [0, -1, "fast", None, float("nan"), [1]])
 def test_a_corrupt_hardware_cache_is_measured_again_not_a_crash(tmp_path, monkeypatch, corrupt):
-    from offload import hardware
-    from offload.kernel_probe import CpuKernels
+    from localv3.offload import hardware
+    from localv3.offload.kernel_probe import CpuKernels
 
     monkeypatch.setenv("LOCALV3_HOME", str(tmp_path))
     monkeypatch.setattr(hardware, "measure_cpu", lambda: (20e9, 100e9))

@@ -196,7 +196,7 @@ def test_planner_prediction_beside_the_measurement(monkeypatch, chat_model_dir, 
 def test_prediction_is_the_loaded_plans_on_the_stored_schemes(monkeypatch, quantized_chat_model):
     from localv3.config import ModelConfig
     from localv3.quantized import read_manifest
-    from offload.runtime import stored_quantization
+    from localv3.offload.runtime import stored_quantization
 
     opened = opened_engines(monkeypatch)
     result = bench(str(quantized_chat_model), "-p", "4", "-n", "2", "-r", "1", "--predict", "--json")
@@ -226,7 +226,7 @@ def test_every_thread_count_runs_every_test(chat_model_dir):
 
 def test_default_threads_are_the_engines(chat_model_dir):
     from localv3.config import ModelConfig
-    from offload.runtime import default_cpu_threads
+    from localv3.offload.runtime import default_cpu_threads
 
     with one_thread():
         result = bench(str(chat_model_dir), "-p", "4", "-n", "0", "-r", "1", "--json")

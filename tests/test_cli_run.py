@@ -270,7 +270,7 @@ def test_an_unwritable_home_costs_warnings_not_the_answer(chat_model_dir, monkey
 
     monkeypatch.setenv("LOCALV3_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(files, "write_text_atomic", read_only)
-    monkeypatch.setattr("offload.routing_stats.write_text_atomic", read_only)
+    monkeypatch.setattr("localv3.offload.routing_stats.write_text_atomic", read_only)
     code, out, err = run_main(monkeypatch, capsys, ["run", str(chat_model_dir), "Hello", "--max-tokens", "4"])
     assert code == 0 and out.strip()
     warnings = err.strip().splitlines()

@@ -1,4 +1,4 @@
-"""A layout split across two devices: activations cross at its boundaries (offload.device_hops),
+"""A layout split across two devices: activations cross at its boundaries (localv3.offload.device_hops),
 the model code itself never moves them. Here the two devices are `cpu` and `cpu:0`, which torch
 tells apart as devices but which share memory: the hooks run on any machine and must leave the
 numbers as they are; that a hop is needed where one is added is checked on CUDA (tests marked
@@ -12,9 +12,9 @@ import torch
 from localv3.config import ModelConfig
 from localv3.model.transformer import Transformer
 from localv3.synthetic import TINY_V3
-from offload.device_hops import StageDevices, add_device_hops
-from offload.layout import GPU
-from offload.runtime import load_planned
+from localv3.offload.device_hops import StageDevices, add_device_hops
+from localv3.offload.layout import GPU
+from localv3.offload.runtime import load_planned
 from test_runtime import CONTEXT, FLOAT, PROMPT, TIGHT, made_up_hardware, model_dir, one_thread, reference  # noqa: F401
 
 HOST, OTHER = torch.device("cpu"), torch.device("cpu", 0)

@@ -10,12 +10,12 @@ import types
 import pytest
 import torch
 
-from offload import hardware as hw_module
-from offload.kernel_probe import CpuKernels
-from offload.hardware import Achievable, HardwareError, detect_hardware, gpu_rates, hardware_from_profile
-from offload.stated import StatedHardware, hardware_for, stated_machine
-from offload.profiles import ProfileError, load_profiles
-from offload.units import UnitError, format_flops, format_rate, parse_bytes, parse_flops, parse_rate
+from localv3.offload import hardware as hw_module
+from localv3.offload.kernel_probe import CpuKernels
+from localv3.offload.hardware import Achievable, HardwareError, detect_hardware, gpu_rates, hardware_from_profile
+from localv3.offload.stated import StatedHardware, hardware_for, stated_machine
+from localv3.offload.profiles import ProfileError, load_profiles
+from localv3.offload.units import UnitError, format_flops, format_rate, parse_bytes, parse_flops, parse_rate
 
 GiB = 2**30
 
@@ -223,7 +223,7 @@ def no_detection(monkeypatch):
 
     for name in ("detect_hardware", "measure_cpu", "measure_cpu_kernels", "measure_pcie"):
         monkeypatch.setattr(hw_module, name, refuse)
-    monkeypatch.setattr("offload.stated.detect_hardware", refuse)
+    monkeypatch.setattr("localv3.offload.stated.detect_hardware", refuse)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ def test_without_stated_cpu_bandwidth_the_header_shows_the_class_not_this_machin
 
 def test_a_profile_with_stated_figures_and_this_machine_when_nothing_is_stated(monkeypatch):
     assert hardware_for("cpu-only", StatedHardware(ram=64 * GiB)).source == "profile cpu-only + stated"
-    monkeypatch.setattr("offload.stated.detect_hardware", lambda: "detected")
+    monkeypatch.setattr("localv3.offload.stated.detect_hardware", lambda: "detected")
     assert hardware_for(None, StatedHardware()) == "detected"
 
 
@@ -362,7 +362,7 @@ def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_m
 
 
 def test_kernel_probe_measures_every_scheme(monkeypatch):
-    from offload import kernel_probe
+    from localv3.offload import kernel_probe
 
     monkeypatch.setattr(kernel_probe, "READ_SET_BYTES", 8 * 2**20)
     monkeypatch.setattr(kernel_probe, "PREFILL_TOKENS", 4)
@@ -392,7 +392,7 @@ def test_gpu_detection_through_torch_cuda(home, monkeypatch, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="device nodes are how Linux shows a GPU")
 def test_without_a_gpu_driver_detection_does_not_import_torch(tmp_path):
     probe = (
-        "import sys; import offload.hardware as h; h.GPU_DEVICE_NODES = (sys.argv[1],); "
+        "import sys; import localv3.offload.hardware as h; h.GPU_DEVICE_NODES = (sys.argv[1],); "
         "assert h._detect_gpu({}) is None; assert 'torch' not in sys.modules, 'torch imported'"
     )
     done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "no-such-node")], capture_output=True, text=True)

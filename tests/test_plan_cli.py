@@ -15,7 +15,7 @@ import cli
 from cli import app
 from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.errors import LocalV3Error
-from offload.planner import Fix, PlanError
+from localv3.offload.planner import Fix, PlanError
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "configs"
@@ -162,8 +162,8 @@ def no_detection(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("this machine was looked at")
 
-    monkeypatch.setattr("offload.stated.detect_hardware", refuse)
-    monkeypatch.setattr("offload.hardware.measure_cpu", refuse)
+    monkeypatch.setattr("localv3.offload.stated.detect_hardware", refuse)
+    monkeypatch.setattr("localv3.offload.hardware.measure_cpu", refuse)
 
 
 def test_a_profiles_figures_stated_predict_what_the_profile_does(no_detection):
@@ -231,11 +231,11 @@ def test_the_picture_is_coloured_in_a_terminal_and_plain_with_no_color(monkeypat
     from rich.console import Console
 
     from localv3.commands.plan import render_plan
-    from offload.alternatives import what_would_change
-    from offload.hardware import hardware_from_profile
-    from offload.planner import Policy, plan
-    from offload.quant import Quantization
-    from offload.shape import ModelShape
+    from localv3.offload.alternatives import what_would_change
+    from localv3.offload.hardware import hardware_from_profile
+    from localv3.offload.planner import Policy, plan
+    from localv3.offload.quant import Quantization
+    from localv3.offload.shape import ModelShape
     from localv3.config import ModelConfig
 
     shape = ModelShape.from_config(ModelConfig.from_file(V3), "deepseek-v3")
@@ -256,7 +256,7 @@ def test_the_picture_is_coloured_in_a_terminal_and_plain_with_no_color(monkeypat
 
 def test_every_component_has_its_own_character():
     from localv3.commands.plan_picture import MEMORY_PARTS, TIME_PARTS
-    from offload.roofline import COMPONENTS
+    from localv3.offload.roofline import COMPONENTS
 
     assert set(TIME_PARTS) == set(COMPONENTS)
     for parts in (TIME_PARTS, MEMORY_PARTS):

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from localv3.config import ModelConfig
-from offload.hardware import Hardware, hardware_from_profile
-from offload.profiles import load_profiles
-from offload.stated import StatedHardware, stated_machine
-from offload.layout import CPU, DISK, GPU
-from offload.planner import Fix, Plan, PlanError, Policy, expert_probabilities, plan
+from localv3.offload.hardware import Hardware, hardware_from_profile
+from localv3.offload.profiles import load_profiles
+from localv3.offload.stated import StatedHardware, stated_machine
+from localv3.offload.layout import CPU, DISK, GPU
+from localv3.offload.planner import Fix, Plan, PlanError, Policy, expert_probabilities, plan
 from localv3.formats.table import QuantError
-from offload.quant import Quantization, scheme
-from offload.roofline import FixedCosts
-from offload.shape import ModelShape
+from localv3.offload.quant import Quantization, scheme
+from localv3.offload.roofline import FixedCosts
+from localv3.offload.shape import ModelShape
 
 GiB = 2**30
 CONFIGS = Path(__file__).resolve().parents[1] / "localv3" / "assets" / "configs"
@@ -459,7 +459,7 @@ def test_more_cores_make_prefill_faster_and_leave_a_bandwidth_bound_decode(v3):
 
 # ----- tensor formats a file fixes ------------------------------------------------------------------
 def stored_experts(shape: ModelShape, type_name: str, layers=None) -> Quantization:
-    from offload.gguf_model import ggml_format
+    from localv3.offload.gguf_model import ggml_format
 
     fmt = ggml_format(type_name)
     experts = {g.key(t): fmt for g in shape.groups if g.kind == "routed_expert" and (layers is None or g.layer in layers) for t in g.tensors}
@@ -512,7 +512,7 @@ def test_decode_components_add_up_to_the_decode_time(v3, profile, ram):
 
 
 def test_what_would_change_it_replans_one_step_away(v3):
-    from offload.alternatives import what_would_change
+    from localv3.offload.alternatives import what_would_change
 
     policy = Policy()
     hardware = machine(ram=512 * GiB)
@@ -535,7 +535,7 @@ def test_refusals_suggest_only_schemes_the_options_take(v3, seed):
     import random
     import re
 
-    from offload.quant import ROLE_SCHEMES
+    from localv3.offload.quant import ROLE_SCHEMES
 
     rng = random.Random(seed)
     quant = Quantization(*(rng.choice(ROLE_SCHEMES[role]) for role in ("experts", "dense", "embeddings")))

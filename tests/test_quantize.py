@@ -34,7 +34,7 @@ from localv3.quantize import (
 )
 from localv3.quantized import MANIFEST_NAME, qweight_name, read_manifest
 from localv3.synthetic import TINY_V3, write_checkpoint
-from offload.quant import scheme
+from localv3.offload.quant import scheme
 from threads import one_thread
 
 runner = CliRunner()

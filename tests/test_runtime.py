@@ -39,14 +39,14 @@ from localv3.formats.blocks import quantize_to, quantize_weight
 from localv3.formats.table import FORMATS, Q8_0
 from localv3.quantize import QuantizeSettings, quantize_checkpoint
 from localv3.synthetic import TINY_V3, checkpoint_tensors, write_checkpoint
-from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
-from offload.hardware import Hardware
-from offload.layout import CPU, DISK, GPU
-from offload.planner import Policy, plan
-from offload.quant import Quantization
-from offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile, moe_layers
-from offload.runtime import MIN_HIDDEN_FOR_THREADS, PlannedEngine, default_cpu_threads, load_planned
-from offload.shape import ModelShape
+from localv3.offload.banks import BankSlice, DiskExpertBank, PlacedExperts
+from localv3.offload.hardware import Hardware
+from localv3.offload.layout import CPU, DISK, GPU
+from localv3.offload.planner import Policy, plan
+from localv3.offload.quant import Quantization
+from localv3.offload.routing_stats import PROFILE_FILE, RoutingStats, find_profile, load_profile, moe_layers
+from localv3.offload.runtime import MIN_HIDDEN_FOR_THREADS, PlannedEngine, default_cpu_threads, load_planned
+from localv3.offload.shape import ModelShape
 
 CONTEXT = 2048  # long enough that a layer's KV rows decide which layers fit on the "GPU"
 PROMPT = list(range(2, 60, 3))

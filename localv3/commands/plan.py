@@ -19,16 +19,16 @@ from localv3.config import ModelConfig
 from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.errors import LocalV3Error
 from localv3.render import format_bytes, format_count
-from offload.alternatives import Alternative, what_would_change
-from offload.gguf_model import GgufModel, nominal_expert_formats, read_gguf, type_named
-from offload.hardware import Hardware
-from offload.planner import Fix, Plan, PlanError, Policy, layer_ranges, plan
-from offload.profiles import load_profiles
-from offload.quant import ROLE_SCHEMES, Quantization
-from offload.routing_stats import find_profile, load_profile
-from offload.shape import ModelShape
-from offload.stated import StatedHardware, hardware_for
-from offload.units import format_rate
+from localv3.offload.alternatives import Alternative, what_would_change
+from localv3.offload.gguf_model import GgufModel, nominal_expert_formats, read_gguf, type_named
+from localv3.offload.hardware import Hardware
+from localv3.offload.planner import Fix, Plan, PlanError, Policy, layer_ranges, plan
+from localv3.offload.profiles import load_profiles
+from localv3.offload.quant import ROLE_SCHEMES, Quantization
+from localv3.offload.routing_stats import find_profile, load_profile
+from localv3.offload.shape import ModelShape
+from localv3.offload.stated import StatedHardware, hardware_for
+from localv3.offload.units import format_rate
 
 KIND_LABELS = {
     "embedding": "embeddings",

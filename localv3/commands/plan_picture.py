@@ -8,10 +8,10 @@ from __future__ import annotations
 from rich.text import Text
 
 from localv3.render import format_bytes
-from offload.alternatives import Alternative
-from offload.layout import DISK
-from offload.planner import DeviceUse, Plan
-from offload.roofline import CPU_EXPERTS, CPU_LAYERS, DISK_PART, FIXED_PART, GPU_PART, PCIE_PART
+from localv3.offload.alternatives import Alternative
+from localv3.offload.layout import DISK
+from localv3.offload.planner import DeviceUse, Plan
+from localv3.offload.roofline import CPU_EXPERTS, CPU_LAYERS, DISK_PART, FIXED_PART, GPU_PART, PCIE_PART
 
 BAR_WIDTH = 48
 MEMORY_PARTS = {  # part -> (character, colour)

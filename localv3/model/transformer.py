@@ -3,7 +3,7 @@
 Module names mirror the Hugging Face checkpoint names (`model.layers.{i}.self_attn.q_a_proj`, ...)
 so that the loader maps tensors one to one; only the routed experts are stacked per layer.
 Nothing here names a device: where a layout splits the model across devices, offload moves the
-activations at the boundaries (offload.device_hops).
+activations at the boundaries (localv3.offload.device_hops).
 """
 
 from __future__ import annotations

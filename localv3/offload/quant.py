@@ -14,7 +14,7 @@ from localv3.formats.table import ABSORBED_SCHEME, FORMATS, WeightFormat
 from localv3.formats.table import weight_format as scheme
 
 if TYPE_CHECKING:
-    from offload.shape import TensorGroup, PlannedTensor
+    from localv3.offload.shape import TensorGroup, PlannedTensor
 
 ROUTER_SCHEME = FORMATS["fp32"]  # the router runs in fp32
 VECTOR_SCHEME = FORMATS["bf16"]  # norm weights and biases, as the checkpoints store them

@@ -11,7 +11,7 @@ device. A forward over T tokens with C cached tokens, per decoder layer:
   fixed latency); on a GPU layer they run while the GPU computes the shared expert;
 - every layer pays a fixed dispatch cost on its device.
 Disk-resident experts are read at the disk rate and computed by the CPU.
-On the CPU each weight scheme has its own rates (offload.kernel_probe, measured on a detected
+On the CPU each weight scheme has its own rates (localv3.offload.kernel_probe, measured on a detected
 machine): ggml's block kernels stream at a fraction of the read-bandwidth probe and multiply at
 their own FLOP/s; a CPU layer's fixed cost is its torch ops and ggml graph calls.
 Every second on the critical path is kept under its resource (GPU memory bandwidth, CPU
@@ -24,10 +24,10 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 
-from offload.hardware import Hardware
-from offload.layout import CPU, DISK, GPU, Layout
-from offload.quant import Quantization, kernel_scheme
-from offload.shape import ModelShape
+from localv3.offload.hardware import Hardware
+from localv3.offload.layout import CPU, DISK, GPU, Layout
+from localv3.offload.quant import Quantization, kernel_scheme
+from localv3.offload.shape import ModelShape
 
 ACTIVATION_BYTES = 2  # hidden states cross PCIe in bf16
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from localv3.render import format_bytes
-from offload.hardware import Achievable, Hardware, HardwareError, detect_hardware, hardware_from_profile
-from offload.kernel_probe import describe_assumed
-from offload.profiles import MachineProfile, load_profiles
-from offload.units import UnitError, format_flops, format_rate, parse_bytes, parse_flops, parse_rate
+from localv3.offload.hardware import Achievable, Hardware, HardwareError, detect_hardware, hardware_from_profile
+from localv3.offload.kernel_probe import describe_assumed
+from localv3.offload.profiles import MachineProfile, load_profiles
+from localv3.offload.units import UnitError, format_flops, format_rate, parse_bytes, parse_flops, parse_rate
 
 MAX_CORES = 1 << 16
 OPTIONS = {

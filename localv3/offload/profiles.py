@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localv3.errors import LocalV3Error
-from offload.units import UnitError, parse_bytes, parse_flops, parse_rate
+from localv3.offload.units import UnitError, parse_bytes, parse_flops, parse_rate
 
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 

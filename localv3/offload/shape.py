@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from localv3.config import ModelConfig
-from offload.quant import KV_CACHE_BYTES_PER_VALUE, TENSOR_ROLES, Quantization
+from localv3.offload.quant import KV_CACHE_BYTES_PER_VALUE, TENSOR_ROLES, Quantization
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The machine a plan is for: detected or taken from a named profile (offload.stated adds
+"""The machine a plan is for: detected or taken from a named profile (localv3.offload.stated adds
 what the user states).
 
 Peak figures and the fraction of them that sustained work reaches are kept apart
@@ -26,9 +26,9 @@ import psutil
 from localv3.errors import LocalV3Error
 from localv3.files import cache_text
 from localv3.render import format_bytes
-from offload.kernel_probe import CpuKernels, assumed_kernels, best_time, describe_assumed, measure_cpu_kernels
-from offload.profiles import load_profiles
-from offload.units import format_flops, format_rate
+from localv3.offload.kernel_probe import CpuKernels, assumed_kernels, best_time, describe_assumed, measure_cpu_kernels
+from localv3.offload.profiles import load_profiles
+from localv3.offload.units import format_flops, format_rate
 
 CACHE_FILE_NAME = "hardware.json"
 

@@ -8,14 +8,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from localv3.render import format_bytes
-from offload.hardware import Hardware
-from offload.layout import DISK
-from offload.planner import Plan, PlanError, Policy, plan
-from offload.profiles import load_profiles
-from offload.quant import Quantization
-from offload.shape import ModelShape
-from offload.stated import StatedHardware
-from offload.units import format_rate
+from localv3.offload.hardware import Hardware
+from localv3.offload.layout import DISK
+from localv3.offload.planner import Plan, PlanError, Policy, plan
+from localv3.offload.profiles import load_profiles
+from localv3.offload.quant import Quantization
+from localv3.offload.shape import ModelShape
+from localv3.offload.stated import StatedHardware
+from localv3.offload.units import format_rate
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 `build_model` materialises a Transformer following a Layout and a Quantization:
 - each decoder layer's attention, norms, router and shared expert or dense FFN on its layer's
   device (the engine puts its KV cache rows there too); the embeddings, the final norm and
-  lm_head on theirs; activations cross devices through offload.device_hops;
-- each MoE layer's routed experts in a `PlacedExperts` (offload.banks), one bank per device:
+  lm_head on theirs; activations cross devices through localv3.offload.device_hops;
+- each MoE layer's routed experts in a `PlacedExperts` (localv3.offload.banks), one bank per device:
   on `gpu` and `cpu` a QuantExpertBank (q8/q4, localv3.formats) or a DenseExpertBank (float
   schemes), on `disk` a DiskExpertBank that reads the checkpoint per use. The layer's shared
   expert moves in with them, so on CUDA it runs while the CPU computes the routed experts;
@@ -56,14 +56,14 @@ from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, Block
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
-from offload.banks import BankSlice, DiskExpertBank, PlacedExperts
-from offload.device_hops import StageDevices, add_device_hops
-from offload.hardware import Hardware, detect_hardware
-from offload.layout import CPU, DISK, GPU, Layout
-from offload.planner import Plan, Policy, plan
-from offload.quant import Quantization
-from offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
-from offload.shape import ModelShape
+from localv3.offload.banks import BankSlice, DiskExpertBank, PlacedExperts
+from localv3.offload.device_hops import StageDevices, add_device_hops
+from localv3.offload.hardware import Hardware, detect_hardware
+from localv3.offload.layout import CPU, DISK, GPU, Layout
+from localv3.offload.planner import Plan, Policy, plan
+from localv3.offload.quant import Quantization
+from localv3.offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
+from localv3.offload.shape import ModelShape
 
 
 HOST = torch.device("cpu")

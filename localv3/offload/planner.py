@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 
 from localv3.errors import LocalV3Error
 from localv3.render import format_bytes
-from offload.hardware import Hardware
-from offload.layout import CPU, DISK, GPU, Layout
-from offload.quant import ROLE_SCHEMES, ROLES, Quantization
-from offload.roofline import FixedCosts, Prediction, Roofline
-from offload.shape import ModelShape, ParameterCount, TensorGroup
+from localv3.offload.hardware import Hardware
+from localv3.offload.layout import CPU, DISK, GPU, Layout
+from localv3.offload.quant import ROLE_SCHEMES, ROLES, Quantization
+from localv3.offload.roofline import FixedCosts, Prediction, Roofline
+from localv3.offload.shape import ModelShape, ParameterCount, TensorGroup
 
 GiB = 2**30
 LOWER_QUANT = {"fp32": ("bf16", "q8", "q4"), "bf16": ("q8", "q4"), "fp16": ("q8", "q4"), "fp8": ("q4",), "q8": ("q4",)}

@@ -14,13 +14,13 @@ from pathlib import Path
 from localv3.config import ModelConfig
 from localv3.errors import LocalV3Error
 from localv3.formats.table import FORMATS, BlockType, WeightFormat
-from offload.shape import ModelShape
+from localv3.offload.shape import ModelShape
 
 SPLIT_PART = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 # ggml types that are one of the planner's own schemes (their kernel rates are measured)
 KNOWN_TYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "Q8_0": "q8", "Q4_K": "q4"}
 
-# offload.shape tensor names -> the llama.cpp tensor names that hold them (per decoder layer,
+# localv3.offload.shape tensor names -> the llama.cpp tensor names that hold them (per decoder layer,
 # under `blk.N.`; the model-wide ones without a prefix). MLA's kv_b is one tensor in older
 # files and two (attn_k_b, attn_v_b) in newer ones.
 _PROJECTIONS = ("gate", "up", "down")
