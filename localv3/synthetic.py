@@ -6,6 +6,10 @@ scaled like a trained model's (std ~ 1/sqrt(fan_in)) so that logits are far from
 greedy decoding is meaningful. write_checkpoint_streaming writes the same tensors shard by shard
 for models larger than memory (benchmarks/slice_vs_llamacpp.py's DeepSeek-V3-width slice), and
 train_random_tokenizer gives such models a BPE vocabulary of any size.
+
+It ships in the package (no command imports it) so that the benchmarks, the training script and
+the tests, three separate entry points, import one copy without path tricks, from a checkout or
+an installed wheel alike.
 """
 
 from __future__ import annotations
