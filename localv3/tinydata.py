@@ -1,11 +1,13 @@
 """The task generator behind the bundled tiny chat model: questions, answers, a held-out split.
 
 Tasks: two-number addition and subtraction, comparisons, counting, word-order reversal
-(all generated from operands, so unseen combinations test generalisation) and a small
-fixed table of facts and greetings (always trained on; asked only as "seen" questions).
+(all generated from operands, so unseen combinations test generalisation), a small fixed
+table of facts and greetings and single words spelled backwards (both always trained on;
+asked only as "seen" questions).
 
 The held-out split is by construction: a question's operands (not its phrasing) hash to
 the held-out bucket or not, so no phrasing of a held-out problem is ever trained on.
+Training rows and the multi-turn evaluation are conversations of several such turns.
 """
 
 from __future__ import annotations
@@ -55,8 +57,25 @@ PHRASINGS = {
     "sub": ("What is {a} - {b}?", "What is {a} minus {b}?", "{a} - {b} = ?", "Calculate {a} - {b}."),
     "max": ("Which is larger, {a} or {b}?", "Which number is bigger, {a} or {b}?"),
     "min": ("Which is smaller, {a} or {b}?", "Which number is smaller, {a} or {b}?"),
-    "count": ("Count from {a} to {b}.", "Count up from {a} to {b}."),
-    "reverse": ("Reverse the words: {words}", "Reverse the order of the words: {words}"),
+    "count": (
+        "Count from {a} to {b}.",
+        "Count up from {a} to {b}.",
+        "Count from {a} up to {b}.",
+        "Please count from {a} to {b}.",
+        "List the numbers from {a} to {b}.",
+        "Write the numbers from {a} to {b}.",
+        "Count {a} to {b}.",
+    ),
+    "reverse": (
+        "Reverse the words: {words}",
+        "Reverse the order of the words: {words}",
+        "Reverse these words: {words}",
+        "Reverse the words {words}.",
+        "Reverse: {words}",
+        "Put these words in reverse order: {words}",
+        "Say these words backwards: {words}",
+        "Reverse the word order of: {words}",
+    ),
 }
 GENERATED_TASKS = tuple(PHRASINGS)
 
@@ -76,7 +95,7 @@ def is_held_out(key: str) -> bool:
 def _operands(task: str, rng: random.Random) -> tuple[str, dict, str]:
     """-> (key, template fields, answer) for one random problem of `task`."""
     if task == "reverse":
-        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
         return f"reverse:{' '.join(words)}", {"words": " ".join(words)}, " ".join(reversed(words))
     if task == "count":
         a = rng.randint(0, 99)
@@ -108,18 +127,31 @@ def fact_examples() -> list[Example]:
     return [Example("fact", q, q, a) for q, a in FACTS]
 
 
+SPELL_PHRASINGS = ("Reverse the word {word}.", "Spell {word} backwards.", "Reverse the letters of {word}.")
+
+
+def spelling_examples() -> list[Example]:
+    """Each of WORDS spelled backwards ("Reverse the word cat." -> "tac"): a fixed table, like the facts."""
+    return [Example("spell", w, p.format(word=w), w[::-1]) for w in WORDS for p in SPELL_PHRASINGS]
+
+
+def seen_examples() -> list[Example]:
+    """Everything asked only as a seen question: the facts and the backwards spellings."""
+    return fact_examples() + spelling_examples()
+
+
 # how often each task is drawn for training (tuned on held-out accuracy per task; counting must learn where to stop)
-TRAIN_MIX = {"add": 4, "sub": 4, "max": 2, "min": 2, "count": 3, "reverse": 4, "fact": 1}
+TRAIN_MIX = {"add": 4, "sub": 4, "max": 2, "min": 2, "count": 5, "reverse": 4, "fact": 1, "spell": 1}
 
 
 def training_turns(seed: int) -> Iterator[Example]:
     """An endless stream of question/answer turns from the training split."""
     rng = random.Random(seed)
     tasks, weights = zip(*TRAIN_MIX.items())
-    facts = fact_examples()
+    tables = {"fact": fact_examples(), "spell": spelling_examples()}
     while True:
         task = rng.choices(tasks, weights)[0]
-        yield rng.choice(facts) if task == "fact" else sample_example(rng, task, held_out=False)
+        yield rng.choice(tables[task]) if task in tables else sample_example(rng, task, held_out=False)
 
 
 def held_out_questions(n_per_task: int, seed: int = 1234) -> list[Example]:
@@ -140,6 +172,39 @@ def held_out_questions(n_per_task: int, seed: int = 1234) -> list[Example]:
             seen.add(example.key)
             out.append(example)
     return out
+
+
+def held_out_conversations(
+    n_per_task: int, turns: int = 10, first_scored: int = 5, seed: int = 1234
+) -> list[list[Example]]:
+    """Conversations of `turns` held-out questions in which every held-out question of
+    held_out_questions(n_per_task, seed) is asked once at a scored turn (first_scored..turns,
+    counted from 1); the turns before are other held-out questions, drawn at random."""
+    questions = held_out_questions(n_per_task, seed)
+    rng = random.Random(seed)
+    order = rng.sample(questions, len(questions))
+    scored_per_conversation = turns - first_scored + 1
+    conversations = []
+    for first in range(0, len(order), scored_per_conversation):
+        scored = order[first : first + scored_per_conversation]
+        leading = rng.sample([q for q in questions if q not in scored], first_scored - 1)
+        conversations.append(leading + scored)
+    return conversations
+
+
+def converse(engine, questions: list[str], max_new_tokens: int = 64, **kwargs) -> list[str]:
+    """Greedy answers (stripped) to `questions` asked one after another in one conversation, as
+    `localv3 chat` asks them: the model's own earlier answers stay in the transcript and the
+    cache is reused (only each new turn is prefilled). kwargs go to engine.stream_generate."""
+    messages: list[dict[str, str]] = []
+    answers = []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        prompt = engine.tokenizer.encode_chat(messages)
+        answer = engine.tokenizer.decode(engine.generate(prompt, max_new_tokens, reuse_cache=True, **kwargs))
+        messages.append({"role": "assistant", "content": answer})
+        answers.append(answer.strip())
+    return answers
 
 
 def corpus_texts(n: int, seed: int) -> list[str]:

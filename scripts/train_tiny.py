@@ -11,7 +11,9 @@
    MTP layer as model.layers.{num_hidden_layers}.*), tokenizer.json, tokenizer_config.json with
    a DeepSeek-style chat template, generation_config.json.
 
-Data comes from localv3.tinydata; its held-out operand sets are never trained on.
+Data comes from localv3.tinydata; its held-out operand sets are never trained on. Each batch
+is conversations of one turn count, drawn uniformly from 1..12 per step, so every answer is
+learnt after no, few or many earlier turns (a chat's late turns sit at positions up to ~400).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -76,9 +79,10 @@ MODEL_CONFIG = {
 
 @dataclass
 class TrainSettings:
-    steps: int = 2800
-    batch_size: int = 16
-    seq_len: int = 96
+    steps: int = 3500
+    batch_tokens: int = 1536  # per step, padding included
+    max_turns: int = 12  # a row is one conversation of 1..max_turns turns (uniform), one count per step
+    max_len: int = MODEL_CONFIG["max_position_embeddings"]  # a conversation stops before the turn that passes it
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
@@ -118,38 +122,45 @@ def tokenizer_config() -> dict:
     }
 
 
-def encode_conversation(tokenizer: HFTokenizer, turns: list[Example]) -> tuple[list[int], list[bool]]:
-    """Chat-template token ids and, per token, whether it is an answer token (trained on)."""
+def encode_turn(tokenizer: HFTokenizer, turn: Example) -> tuple[list[int], list[bool]]:
+    """One turn's chat-template token ids and, per token, whether it is an answer token (trained on)."""
+    question = [tokenizer.token_to_id(USER)] + tokenizer.encode(turn.question).ids + [tokenizer.token_to_id(ASSISTANT)]
+    answer = tokenizer.encode(turn.answer).ids + [tokenizer.token_to_id(EOS)]
+    return question + answer, [False] * len(question) + [True] * len(answer)
+
+
+def encode_conversation(
+    tokenizer: HFTokenizer, turns: Iterator[Example], n_turns: int, max_len: int
+) -> tuple[list[int], list[bool]]:
+    """A conversation of the next `n_turns` turns (fewer where a turn would pass max_len tokens;
+    that turn is dropped) -> its token ids and answer flags."""
     ids, targets = [tokenizer.token_to_id(BOS)], [False]
-    for turn in turns:
-        question = [tokenizer.token_to_id(USER)] + tokenizer.encode(turn.question).ids
-        question.append(tokenizer.token_to_id(ASSISTANT))
-        answer = tokenizer.encode(turn.answer).ids + [tokenizer.token_to_id(EOS)]
-        ids += question + answer
-        targets += [False] * len(question) + [True] * len(answer)
-    return ids, targets
+    for turn_number in range(n_turns):
+        turn_ids, turn_targets = encode_turn(tokenizer, next(turns))
+        if turn_number and len(ids) + len(turn_ids) > max_len:
+            break
+        ids, targets = ids + turn_ids, targets + turn_targets
+    return ids[:max_len], targets[:max_len]
 
 
 def make_batch(
-    tokenizer: HFTokenizer, turns: Iterator[Example], rows: int, length: int
+    tokenizer: HFTokenizer, turns: Iterator[Example], n_turns: int, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `length` tokens, each one conversation of as many turns as fit (little padding).
-
-    -> tokens [B, S] (right-padded with EOS), answer mask [B, S].
-    """
-    pad = tokenizer.token_to_id(EOS)
-    tokens = torch.full((rows, length), pad, dtype=torch.long)
-    mask = torch.zeros(rows, length, dtype=torch.bool)
-    for row in range(rows):
-        conversation = [next(turns)]
-        while True:
-            ids, targets = encode_conversation(tokenizer, conversation)
-            if len(ids) > length:
-                break
-            kept_ids, kept_targets = ids, targets
-            conversation.append(next(turns))  # the turn that overflows is dropped
-        tokens[row, : len(kept_ids)] = torch.tensor(kept_ids)
-        mask[row, : len(kept_ids)] = torch.tensor(kept_targets)
+    """Conversations of `n_turns` turns, as many as fit in settings.batch_tokens once right-padded
+    to the longest (at least one) -> tokens [B, S] (padded with EOS), answer mask [B, S]."""
+    rows: list[tuple[list[int], list[bool]]] = []
+    longest = 0
+    while True:
+        ids, targets = encode_conversation(tokenizer, turns, n_turns, settings.max_len)
+        if rows and (len(rows) + 1) * max(longest, len(ids)) > settings.batch_tokens:
+            break
+        rows.append((ids, targets))
+        longest = max(longest, len(ids))
+    tokens = torch.full((len(rows), longest), tokenizer.token_to_id(EOS), dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for row, (ids, targets) in enumerate(rows):
+        tokens[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = torch.tensor(targets)
     return tokens, mask
 
 
@@ -227,11 +238,12 @@ def train(model: Transformer, tokenizer: HFTokenizer, settings: TrainSettings) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     balancer = LoadBalancer(model, settings.bias_update_speed)
     turns = training_turns(settings.seed)
+    turn_counts = random.Random(settings.seed)
     model.train()
     started = time.perf_counter()
     main_avg = mtp_avg = None
     for step in range(settings.steps):
-        tokens, mask = make_batch(tokenizer, turns, settings.batch_size, settings.seq_len)
+        tokens, mask = make_batch(tokenizer, turns, turn_counts.randint(1, settings.max_turns), settings)
         balancer.valid = (tokens != tokenizer.token_to_id(EOS)) | mask  # padding is EOS outside answers
         main, mtp = losses(model, tokens, mask)
         optimizer.zero_grad(set_to_none=True)
@@ -280,6 +292,25 @@ def hf_tensors(model: Transformer, config: ModelConfig) -> dict[str, torch.Tenso
     return {name: t.detach().float().contiguous().clone() for name, t in tensors.items()}
 
 
+def load_hf_tensors(model: Transformer, config: ModelConfig, directory: Path) -> None:
+    """A model directory's weights (as hf_tensors names them) into our parameters, to continue training."""
+    banks = {name for name, m in model.named_modules() if isinstance(m, DenseExpertBank)}
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        stored = {name: f.get_tensor(name) for name in f.keys()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        bank, _, leaf = name.rpartition(".")
+        if bank not in banks:
+            state[name] = stored[checkpoint_name(config, name)]
+            continue
+        experts = [expert_tensor_names(checkpoint_name(config, bank), e) for e in range(tensor.shape[0])]
+        if leaf == "gate_up":  # [E, 2I, D]
+            state[name] = torch.stack([torch.cat([stored[n["gate_proj"]], stored[n["up_proj"]]]) for n in experts])
+        else:  # [E, D, I]
+            state[name] = torch.stack([stored[n["down_proj"]] for n in experts])
+    model.load_state_dict(state)
+
+
 def write_model_dir(out: Path, model: Transformer, config: ModelConfig, tokenizer: HFTokenizer, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_tensors(model, config), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -296,23 +327,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "localv3" / "assets" / "tiny")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument(
+        "--continue-from", type=Path, help="a model this script wrote: keep its tokenizer and weights, train on"
+    )
     # one thread: on the shared 2-core machine, two threads ran 3-5x slower (spin-waiting)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    settings = TrainSettings(steps=args.steps, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, seed=args.seed, lr=args.lr)
 
-    tokenizer = train_tokenizer(MODEL_CONFIG["vocab_size"], args.seed)
-    assert tokenizer.get_vocab_size() <= MODEL_CONFIG["vocab_size"]
     config = ModelConfig.from_dict(MODEL_CONFIG)
     model = Transformer(config)
-    init_weights(model, config, torch.Generator().manual_seed(args.seed))
+    if args.continue_from:
+        tokenizer = HFTokenizer.from_file(str(args.continue_from / "tokenizer.json"))
+        load_hf_tensors(model, config, args.continue_from)
+    else:
+        tokenizer = train_tokenizer(MODEL_CONFIG["vocab_size"], args.seed)
+        init_weights(model, config, torch.Generator().manual_seed(args.seed))
+    assert tokenizer.get_vocab_size() <= MODEL_CONFIG["vocab_size"]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; model: {n_params / 1e6:.2f}M parameters", flush=True)
     info = train(model, tokenizer, settings)
     info.update(seed=args.seed, parameters=n_params, settings=settings.__dict__)
+    if args.continue_from:
+        before = json.loads((args.continue_from / "training.json").read_text())
+        info["continued_from"] = before.get("continued_from", []) + [{k: before[k] for k in ("steps", "loss", "seconds", "settings")}]
     write_model_dir(args.out, model, config, tokenizer, info)
     print(json.dumps(info, indent=2))
 
