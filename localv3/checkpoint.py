@@ -24,7 +24,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
 # the router runs in fp32: its weight and correction bias stay fp32 whatever the model dtype
-FP32_TENSOR_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from localv3.checkpoint import FP32_TENSOR_SUFFIXES, INDEX_FILE, quantize_fp8_blocks
+from localv3.checkpoint import INDEX_FILE, quantize_fp8_blocks
+from localv3.formats.roles import FP32_TENSOR_SUFFIXES
 from localv3.config import ModelConfig
 
 V3_BOS = "<｜begin▁of▁sentence｜>"

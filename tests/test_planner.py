@@ -552,3 +552,36 @@ def test_parameter_counts_are_those_localv3_show_counts():
     shape = ModelShape.from_config(ModelConfig.from_file(tiny_dir), "tiny")
     shown = summarize(tiny_dir)
     assert shape.parameter_count().to_dict() == {"total": shown.params_total, "active": shown.params_active}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}, {"n_shared_experts": 0, "first_k_dense_replace": 2}])
+def test_the_planner_counts_each_role_as_the_checkpoint_holds_it(tmp_path, overrides):
+    """Elements per role (experts, dense, absorbed, embeddings, router, vector) from the
+    planner's ModelShape equal those of a written checkpoint, each tensor's role taken from its
+    name by the rule quantize and the runtime follow; the MTP layer's copies of the embeddings
+    and the head, which no one loads, aside."""
+    from collections import Counter
+    import math
+
+    import torch
+
+    from localv3.checkpoint import CheckpointReader
+    from localv3.formats.roles import weight_role
+    from localv3.synthetic import write_checkpoint
+    from model_configs import V3_MTP
+
+    raw = {**V3_MTP, **overrides}
+    model = write_checkpoint(tmp_path, raw, dtype=torch.float32)
+    config = ModelConfig.from_dict(raw)
+    unused_copies = re.compile(rf"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
+    stored = Counter()
+    for name, info in CheckpointReader(model).tensors.items():
+        copy = unused_copies.match(name)
+        if copy and int(copy[1]) >= config.num_hidden_layers:
+            continue
+        stored[weight_role(name, len(info.shape))] += math.prod(info.shape)
+    planned = Counter()
+    for group in ModelShape.from_config(config, "t").groups:
+        for tensor in group.tensors:
+            planned[tensor.role] += tensor.elements * group.count
+    assert planned == stored

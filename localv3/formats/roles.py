@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 
-from localv3.checkpoint import FP32_TENSOR_SUFFIXES as ROUTER_SUFFIXES
+# the router's weight and correction bias: kept in fp32 wherever they are stored or held
+FP32_TENSOR_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 
 _EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 _DENSE = re.compile(r"\.(q|q_a|q_b|kv_a|o|gate|up|down)_proj(_with_mqa)?\.weight$")
@@ -25,7 +26,7 @@ _DENSE = re.compile(r"\.(q|q_a|q_b|kv_a|o|gate|up|down)_proj(_with_mqa)?\.weight
 
 def weight_role(name: str, ndim: int) -> str:
     """experts | dense | absorbed | embeddings | router | vector, for the tensor `name` of `ndim` dimensions."""
-    if name.endswith(ROUTER_SUFFIXES):
+    if name.endswith(FP32_TENSOR_SUFFIXES):
         return "router"
     if ndim < 2:
         return "vector"

@@ -29,7 +29,7 @@ import psutil
 import torch
 from torch import nn
 
-from localv3.checkpoint import FP32_TENSOR_SUFFIXES, CheckpointReader
+from localv3.checkpoint import CheckpointReader
 from localv3.config import ModelConfig
 from localv3.engines import DEFAULT_MAX_CONTEXT
 from localv3.engines.native import NativeEngine, default_device, default_dtype
@@ -51,7 +51,7 @@ from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
-from localv3.formats.roles import weight_role
+from localv3.formats.roles import FP32_TENSOR_SUFFIXES, weight_role
 from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir

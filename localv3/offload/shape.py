@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from localv3.config import ModelConfig
+from localv3.formats.roles import weight_role
 from localv3.offload.quant import KV_CACHE_BYTES_PER_VALUE, TENSOR_ROLES, Quantization
 
 
@@ -178,17 +179,26 @@ class ModelShape:
         return 4 * (tokens * per_token + scores + self.vocab_size)
 
 
-def _matrix(name: str, out_features: int, in_features: int, role: str) -> PlannedTensor:
-    return PlannedTensor(f"{name}.weight", (out_features, in_features), role)
+# where a tensor lives in a Hugging Face checkpoint (any layer: roles do not depend on it); its
+# role comes from that name through formats.roles, the rule quantize and the runtime follow too
+ATTENTION, MLP, SHARED, EXPERT, MTP = (
+    "model.layers.L.self_attn", "model.layers.L.mlp", "model.layers.L.mlp.shared_experts",
+    "model.layers.L.mlp.experts.0", "model.layers.L",
+)  # fmt: skip
 
 
-def _vector(name: str, size: int, role: str = "vector") -> PlannedTensor:
-    return PlannedTensor(name, (size,), role)
+def _matrix(name: str, out_features: int, in_features: int, within: str) -> PlannedTensor:
+    checkpoint_name = f"{within}.{name}.weight" if within else f"{name}.weight"
+    return PlannedTensor(f"{name}.weight", (out_features, in_features), weight_role(checkpoint_name, 2))
+
+
+def _vector(name: str, size: int, within: str = "model") -> PlannedTensor:
+    return PlannedTensor(name, (size,), weight_role(f"{within}.{name}", 1))
 
 
 def _embedding(c: ModelConfig) -> TensorGroup:
     return TensorGroup(
-        "model.embed_tokens", "embedding", None, (_matrix("embed_tokens", c.vocab_size, c.hidden_size, "embeddings"),)
+        "model.embed_tokens", "embedding", None, (_matrix("embed_tokens", c.vocab_size, c.hidden_size, "model"),)
     )
 
 
@@ -196,7 +206,7 @@ def _head(c: ModelConfig) -> list[TensorGroup]:
     norm = TensorGroup("model.norm", "norm", None, (_vector("norm.weight", c.hidden_size),))
     if c.tie_word_embeddings:  # lm_head reads the embedding matrix, already counted
         return [norm]
-    lm_head = TensorGroup("lm_head", "lm_head", None, (_matrix("lm_head", c.vocab_size, c.hidden_size, "embeddings"),))
+    lm_head = TensorGroup("lm_head", "lm_head", None, (_matrix("lm_head", c.vocab_size, c.hidden_size, ""),))
     return [norm, lm_head]
 
 
@@ -204,28 +214,28 @@ def _attention(c: ModelConfig) -> list[PlannedTensor]:
     h, heads = c.hidden_size, c.num_attention_heads
     tensors = []
     if c.q_lora_rank:
-        tensors += [_matrix("q_a_proj", c.q_lora_rank, h, "dense"), _vector("q_a_layernorm.weight", c.q_lora_rank)]
-        tensors += [_matrix("q_b_proj", heads * c.qk_head_dim, c.q_lora_rank, "dense")]
+        tensors += [_matrix("q_a_proj", c.q_lora_rank, h, ATTENTION), _vector("q_a_layernorm.weight", c.q_lora_rank)]
+        tensors += [_matrix("q_b_proj", heads * c.qk_head_dim, c.q_lora_rank, ATTENTION)]
         if c.attention_bias:
             tensors += [_vector("q_a_proj.bias", c.q_lora_rank)]
     else:
-        tensors += [_matrix("q_proj", heads * c.qk_head_dim, h, "dense")]
+        tensors += [_matrix("q_proj", heads * c.qk_head_dim, h, ATTENTION)]
     tensors += [
-        _matrix("kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, "dense"),
+        _matrix("kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, h, ATTENTION),
         _vector("kv_a_layernorm.weight", c.kv_lora_rank),
-        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "absorbed"),
-        _matrix("o_proj", h, heads * c.v_head_dim, "dense"),
+        _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, ATTENTION),
+        _matrix("o_proj", h, heads * c.v_head_dim, ATTENTION),
     ]
     if c.attention_bias:
         tensors += [_vector("kv_a_proj_with_mqa.bias", c.kv_lora_rank + c.qk_rope_head_dim), _vector("o_proj.bias", h)]
     return tensors
 
 
-def _mlp(hidden: int, intermediate: int, role: str) -> tuple[PlannedTensor, ...]:
+def _mlp(hidden: int, intermediate: int, within: str) -> tuple[PlannedTensor, ...]:
     return (
-        _matrix("gate_proj", intermediate, hidden, role),
-        _matrix("up_proj", intermediate, hidden, role),
-        _matrix("down_proj", hidden, intermediate, role),
+        _matrix("gate_proj", intermediate, hidden, within),
+        _matrix("up_proj", intermediate, hidden, within),
+        _matrix("down_proj", hidden, intermediate, within),
     )
 
 
@@ -237,7 +247,7 @@ def _decoder_layer(c: ModelConfig, layer: int) -> list[TensorGroup]:
         mtp = (
             _vector("enorm.weight", h),
             _vector("hnorm.weight", h),
-            _matrix("eh_proj", h, 2 * h, "embeddings"),
+            _matrix("eh_proj", h, 2 * h, MTP),
             _vector("shared_head.norm.weight", h),
         )
         groups.append(TensorGroup(f"{prefix}.mtp", "mtp", layer, mtp))
@@ -245,15 +255,15 @@ def _decoder_layer(c: ModelConfig, layer: int) -> list[TensorGroup]:
     norms = (_vector("input_layernorm.weight", h), _vector("post_attention_layernorm.weight", h))
     groups.append(TensorGroup(f"{prefix}.norms", "norm", layer, norms))
     if not c.is_moe_layer(layer):
-        groups.append(TensorGroup(f"{prefix}.mlp", "dense_ffn", layer, _mlp(h, c.intermediate_size, "dense")))
+        groups.append(TensorGroup(f"{prefix}.mlp", "dense_ffn", layer, _mlp(h, c.intermediate_size, MLP)))
         return groups
-    router = [_matrix("gate", c.n_routed_experts, h, "router")]
+    router = [_matrix("gate", c.n_routed_experts, h, MLP)]
     if c.topk_method == "noaux_tc":
-        router.append(_vector("gate.e_score_correction_bias", c.n_routed_experts, "router"))
+        router.append(_vector("gate.e_score_correction_bias", c.n_routed_experts, MLP))
     groups.append(TensorGroup(f"{prefix}.mlp.gate", "router", layer, tuple(router)))
     if c.n_shared_experts:
-        shared = _mlp(h, c.shared_intermediate_size, "dense")
+        shared = _mlp(h, c.shared_intermediate_size, SHARED)
         groups.append(TensorGroup(f"{prefix}.mlp.shared_experts", "shared_expert", layer, shared))
-    expert = _mlp(h, c.moe_intermediate_size, "experts")
+    expert = _mlp(h, c.moe_intermediate_size, EXPERT)
     groups.append(TensorGroup(f"{prefix}.mlp.experts", "routed_expert", layer, expert, count=c.n_routed_experts))
     return groups
