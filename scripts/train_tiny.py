@@ -1,6 +1,7 @@
 """Train the bundled tiny chat model (localv3/assets/tiny) on CPU, from nothing, reproducibly.
 
-    python scripts/train_tiny.py [--out localv3/assets/tiny] [--steps N] [--seed 0]
+    python scripts/train_tiny.py [--out localv3/assets/tiny] [--steps N] [--seed 0] [--lr 3e-3]
+                                 [--continue-from MODEL_DIR]
 
 1. trains a byte-level BPE tokenizer (digits split one per token) on generated questions;
 2. trains a tiny DeepSeek-V3: MLA (q/kv LoRA, rope split), one dense first layer, MoE layers
@@ -14,6 +15,8 @@
 Data comes from localv3.tinydata; its held-out operand sets are never trained on. Each batch
 is conversations of one turn count, drawn uniformly from 1..12 per step, so every answer is
 learnt after no, few or many earlier turns (a chat's late turns sit at positions up to ~400).
+--continue-from trains a model this script wrote further (its tokenizer and weights, a fresh
+learning-rate schedule); training.json then lists the earlier stages under continued_from.
 """
 
 from __future__ import annotations
