@@ -8,6 +8,10 @@ asked only as "seen" questions).
 The held-out split is by construction: a question's operands (not its phrasing) hash to
 the held-out bucket or not, so no phrasing of a held-out problem is ever trained on.
 Training rows and the multi-turn evaluation are conversations of several such turns.
+
+It ships in the package (no command imports it) because three entry points share it: the
+training and evaluation scripts and the tests of the bundled model, with benchmarks/serve_load.py
+asking its held-out questions.
 """
 
 from __future__ import annotations
