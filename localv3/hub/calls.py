@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 
 from localv3.errors import ModelNotFoundError
 from localv3.hub.progress import PullProgress
-from localv3.hub.settings import HubAccessError
+from localv3.hub.settings import HubAccessError, HubSettings
 
 T = TypeVar("T")
 # A metadata request (repo listing, file HEAD) that fails to connect or times out is tried again
@@ -32,8 +32,9 @@ SLOW_REQUEST_NOTICE_S = 1.0
 
 
 @contextlib.contextmanager
-def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
-    """Turn huggingface_hub / network exceptions into one-line localv3 errors."""
+def _hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line localv3 errors (network failures are
+    ask_hub's: it retries them, then says so)."""
     try:
         yield
     except GatedRepoError:
@@ -53,10 +54,6 @@ def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
     except OfflineModeIsEnabled:
         raise HubAccessError(
             f"{repo_id}: offline mode is on (HF_HUB_OFFLINE); use --offline to read the cache"
-        ) from None
-    except httpx2.TransportError as exc:
-        raise HubAccessError(
-            f"cannot reach {endpoint} ({type(exc).__name__}: {exc}); --offline uses the local cache only"
         ) from None
 
 
@@ -83,25 +80,30 @@ def notice_if_slow(progress: PullProgress, message: str) -> Iterator[None]:
         timer.cancel()
 
 
-def ask_hub(call: Callable[[], T], *, what: str, endpoint: str, timeout_s: float, progress: PullProgress) -> T:
-    """`call()`, tried again after each of REQUEST_RETRY_DELAYS_S when it fails transiently;
-    one line naming the endpoint and the last failure when every try failed."""
-    for attempt in range(len(REQUEST_RETRY_DELAYS_S) + 1):
-        try:
-            with notice_if_slow(progress, f"connecting to {endpoint} ({what}) ..."):
-                return call()
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-            problem = _describe_failure(exc, timeout_s)
-            if attempt == len(REQUEST_RETRY_DELAYS_S):
-                raise HubAccessError(
-                    f"cannot reach {endpoint}: {what} failed {attempt + 1} times, last: {problem}; "
-                    "check HF_ENDPOINT and the network, or use --offline for the local cache"
-                ) from None
-            delay = REQUEST_RETRY_DELAYS_S[attempt]
-            progress.waiting(f"{what}: {problem}; trying again in {delay:g} s")
-            time.sleep(delay)
+def ask_hub(
+    call: Callable[[], T], *, what: str, repo_id: str, revision: str, settings: HubSettings, progress: PullProgress
+) -> T:
+    """`call()` (a metadata request about `repo_id@revision`, with settings.metadata_timeout_s),
+    tried again after each of REQUEST_RETRY_DELAYS_S when it fails transiently; one line naming
+    the endpoint and the last failure when every try failed, or the hub's refusal."""
+    endpoint = settings.endpoint
+    with _hub_errors(repo_id, revision, endpoint):
+        for attempt in range(len(REQUEST_RETRY_DELAYS_S) + 1):
+            try:
+                with notice_if_slow(progress, f"connecting to {endpoint} ({what}) ..."):
+                    return call()
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                problem = _describe_failure(exc, settings.metadata_timeout_s)
+                if attempt == len(REQUEST_RETRY_DELAYS_S):
+                    raise HubAccessError(
+                        f"cannot reach {endpoint}: {what} failed {attempt + 1} times, last: {problem}; "
+                        "check HF_ENDPOINT and the network, or use --offline for the local cache"
+                    ) from None
+                delay = REQUEST_RETRY_DELAYS_S[attempt]
+                progress.waiting(f"{what}: {problem}; trying again in {delay:g} s")
+                time.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -13,12 +13,11 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_ob
 from localv3.errors import ModelNotFoundError
 from localv3.files import free_disk_bytes
 from localv3.hub.cache import cached_snapshot, snapshot_problem
-from localv3.hub.calls import ask_hub, hub_errors
+from localv3.hub.calls import ask_hub
 from localv3.hub.download import ResumableDownload
 from localv3.hub.progress import PullProgress, QuietProgress
 from localv3.render import format_bytes
 from localv3.hub.settings import (
-    DEFAULT_REQUEST_TIMEOUT_S,
     PARTIAL_SUFFIX,
     HubAccessError,
     HubSettings,
@@ -50,12 +49,9 @@ class PullPlan:
     repo_id: str
     revision: str
     commit: str
-    endpoint: str
-    cache_dir: Path
+    settings: HubSettings  # the endpoint, the cache and the timeouts it was planned with
     files: tuple[PlannedFile, ...]  # config/tokenizer files first, then weights
     free_bytes: int
-    metadata_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
-    download_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     @property
     def total_bytes(self) -> int:
@@ -75,22 +71,22 @@ class PullPlan:
 
     @property
     def storage_dir(self) -> Path:
-        return repo_storage(self.cache_dir, self.repo_id)
+        return repo_storage(self.settings.cache_dir, self.repo_id)
 
 
 def plan_pull(request: PullRequest, settings: HubSettings, progress: PullProgress | None = None) -> PullPlan:
     """List the repo's files with sizes and compare them with the cache. No file is fetched."""
     api = HfApi(endpoint=settings.endpoint)
-    with hub_errors(request.repo_id, request.revision, settings.endpoint):
-        info = ask_hub(
-            lambda: api.model_info(
-                request.repo_id, revision=request.revision, files_metadata=True, timeout=settings.metadata_timeout_s
-            ),
-            what=f"listing {request.repo_id}",
-            endpoint=settings.endpoint,
-            timeout_s=settings.metadata_timeout_s,
-            progress=progress or QuietProgress(),
-        )
+    info = ask_hub(
+        lambda: api.model_info(
+            request.repo_id, revision=request.revision, files_metadata=True, timeout=settings.metadata_timeout_s
+        ),
+        what=f"listing {request.repo_id}",
+        repo_id=request.repo_id,
+        revision=request.revision,
+        settings=settings,
+        progress=progress or QuietProgress(),
+    )
     siblings = list(
         filter_repo_objects(
             info.siblings or [],
@@ -125,12 +121,9 @@ def plan_pull(request: PullRequest, settings: HubSettings, progress: PullProgres
         repo_id=request.repo_id,
         revision=request.revision,
         commit=info.sha,
-        endpoint=settings.endpoint,
-        cache_dir=settings.cache_dir,
+        settings=settings,
         files=tuple(files),
         free_bytes=free_disk_bytes(settings.cache_dir),
-        metadata_timeout_s=settings.metadata_timeout_s,
-        download_timeout_s=settings.download_timeout_s,
     )
 
 
@@ -138,7 +131,7 @@ def check_disk_space(plan: PullPlan) -> None:
     if plan.bytes_to_fetch > plan.free_bytes:
         raise InsufficientDiskError(
             f"not enough disk space for {plan.repo_id}: {format_bytes(plan.bytes_to_fetch)} to download, "
-            f"{format_bytes(plan.free_bytes)} free at {plan.cache_dir} (HF_HOME or HF_HUB_CACHE can point elsewhere)"
+            f"{format_bytes(plan.free_bytes)} free at {plan.settings.cache_dir} (HF_HOME or HF_HUB_CACHE can point elsewhere)"
         )
 
 @dataclass(frozen=True)
@@ -194,17 +187,18 @@ def fetch(plan: PullPlan, progress: PullProgress) -> PullResult:
 def _fetch_file(plan: PullPlan, planned: PlannedFile, progress: PullProgress) -> int:
     """Make sure the file's blob is complete, then let huggingface_hub link it into the
     snapshot. Returns the bytes transferred."""
-    url = hf_hub_url(plan.repo_id, planned.path, revision=plan.commit, endpoint=plan.endpoint)
-    with hub_errors(plan.repo_id, plan.revision, plan.endpoint):
-        metadata = ask_hub(
-            lambda: get_hf_file_metadata(url, timeout=plan.metadata_timeout_s, endpoint=plan.endpoint),
-            what=f"looking up {planned.path}",
-            endpoint=plan.endpoint,
-            timeout_s=plan.metadata_timeout_s,
-            progress=progress,
-        )
+    settings = plan.settings
+    url = hf_hub_url(plan.repo_id, planned.path, revision=plan.commit, endpoint=settings.endpoint)
+
+    def ask(call, what: str):
+        return ask_hub(call, what=what, repo_id=plan.repo_id, revision=plan.revision, settings=settings, progress=progress)
+
+    metadata = ask(
+        lambda: get_hf_file_metadata(url, timeout=settings.metadata_timeout_s, endpoint=settings.endpoint),
+        f"looking up {planned.path}",
+    )
     if not metadata.etag:
-        raise HubAccessError(f"{plan.endpoint} sent no ETag for {planned.path}: is HF_ENDPOINT a Hugging Face hub?")
+        raise HubAccessError(f"{settings.endpoint} sent no ETag for {planned.path}: is HF_ENDPOINT a Hugging Face hub?")
     blob = plan.storage_dir / "blobs" / metadata.etag
     transferred = 0
     if not blob.exists():
@@ -217,28 +211,25 @@ def _fetch_file(plan: PullPlan, planned: PlannedFile, progress: PullProgress) ->
             size=metadata.size if metadata.size is not None else planned.size,
             label=f"{plan.repo_id}/{planned.path}",
             progress=progress,
-            timeout_s=plan.download_timeout_s,
+            timeout_s=settings.download_timeout_s,
         )
-        lock = plan.cache_dir / ".locks" / plan.storage_dir.name / f"{metadata.etag}.lock"
+        lock = settings.cache_dir / ".locks" / plan.storage_dir.name / f"{metadata.etag}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
             transferred = download.run()
-    with hub_errors(plan.repo_id, plan.revision, plan.endpoint):
-        ask_hub(
-            lambda: hf_hub_download(
-                plan.repo_id,
-                planned.path,
-                revision=plan.commit,
-                cache_dir=plan.cache_dir,
-                endpoint=plan.endpoint,
-                etag_timeout=plan.metadata_timeout_s,
-            ),
-            what=f"linking {planned.path}",
-            endpoint=plan.endpoint,
-            timeout_s=plan.metadata_timeout_s,
-            progress=progress,
-        )
+    ask(
+        lambda: hf_hub_download(
+            plan.repo_id,
+            planned.path,
+            revision=plan.commit,
+            cache_dir=settings.cache_dir,
+            endpoint=settings.endpoint,
+            etag_timeout=settings.metadata_timeout_s,
+        ),
+        f"linking {planned.path}",
+    )
     return transferred
+
 
 def pull_from_cache(request: PullRequest, settings: HubSettings) -> PullResult:
     snapshot = cached_snapshot(request.repo_id, request.revision)
