@@ -88,6 +88,8 @@ def open_engine(
 
 def _fix_when_loading(fix) -> str:
     """A fix the loading commands have no flag for: a smaller checkpoint, or `plan` to explore."""
-    if fix.setting in ("experts", "dense", "embeddings"):
+    from localv3.offload.quant import ROLES
+
+    if fix.setting in ROLES:
         return f"{fix.describe()} (`localv3 quantize MODEL --{fix.setting} {fix.value}` writes that checkpoint)"
     return f"{fix.describe()} (`localv3 plan MODEL` shows the options)"

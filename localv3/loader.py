@@ -9,7 +9,6 @@ created on the meta device (`skeleton`) and each parameter set in place (`set_te
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

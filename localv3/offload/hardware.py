@@ -14,8 +14,8 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -55,7 +55,8 @@ class Fix:
 class PlanError(LocalV3Error):
     """The model does not fit the hardware under the policy, or the request contradicts itself.
 
-    Structured, so each command words it with its own flags (localv3.commands.plan_errors):
+    Structured, so each command words it with its own flags (`plan` in commands/plan.py, the
+    loading commands in engine_choice.open_engine):
     `setting` and `given` name the argument at fault, `fix` the smallest change that fits,
     `more_ram` the RAM that would do as well (0: not known)."""
 
