@@ -1,6 +1,8 @@
 """MLA's kv_b_proj is absorbed once at load: decode never re-derives it, and the absorbed path
 equals the naive one."""
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,6 +11,7 @@ import localv3
 from localv3.config import ModelConfig
 from localv3.model.attention import MLA
 from localv3.model.transformer import Transformer
+from localv3.registry import SHIPPED_CONFIGS_DIR
 from localv3.synthetic import TINY_V3, write_checkpoint
 from model_configs import KIMI_K2_STYLE, V2_LITE, V3_MTP
 
@@ -124,7 +127,7 @@ def test_absorbed_attention_equals_naive_attention(tmp_path, name, seed):
 
     def run(absorb: bool) -> torch.Tensor:
         for mla in attentions(engine.model):
-            mla.absorb = absorb
+            mla.path = "absorbed" if absorb else "naive"
         session = engine.new_session(len(ids) + 4)
         rows = [session.forward(ids)]
         for token in (5, 9, 11):
@@ -164,3 +167,30 @@ def test_gradients_reach_kv_b_proj_before_absorbing():
     logits.logsumexp(-1).sum().backward()
     grad = model.model.layers[0].self_attn.kv_b_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in SHIPPED_CONFIGS_DIR.glob("*.json")))
+def test_each_call_takes_the_path_with_fewer_multiply_adds(config_file):
+    """With every shipped model's widths: decode steps and short drafts over a cache read the
+    latents (absorbed); a prompt chunk, whose keys are about its own queries, expands them (naive)."""
+    mla = shipped_mla(config_file)
+    assert mla.cheaper_path(1, 16) == mla.cheaper_path(1, 4096) == mla.cheaper_path(3, 4096) == "absorbed"
+    assert mla.cheaper_path(64, 64) == mla.cheaper_path(512, 512) == mla.cheaper_path(512, 1024) == "naive"
+
+
+def shipped_mla(config_file: str) -> MLA:
+    config = json.loads((SHIPPED_CONFIGS_DIR / config_file).read_text())
+    return MLA(ModelConfig.from_dict(config | {"num_hidden_layers": 1}))
+
+
+def test_the_path_costs_are_the_counted_multiply_adds():
+    """DeepSeek-V3's widths, counted by hand per head: naive expands T latents (T*C*(nope+v)) and
+    attends with 192-deep keys and 128-wide values; absorbed maps S queries (S*C*(nope+v)) and
+    attends with 576-deep keys and 512-wide latent values."""
+    mla = shipped_mla("deepseek-v3.json")
+    naive = lambda s, t: t * 512 * 256 + s * t * (128 + 64 + 128)  # noqa: E731
+    absorbed = lambda s, t: s * 512 * 256 + s * t * (512 + 64 + 512)  # noqa: E731
+    for queries, keys in ((1, 1), (2, 300), (170, 4096), (200, 4096), (256, 256), (512, 8192)):
+        expected = "naive" if naive(queries, keys) < absorbed(queries, keys) else "absorbed"
+        assert mla.cheaper_path(queries, keys) == expected, (queries, keys)
+    assert mla.cheaper_path(512, 8192) == "naive" and mla.cheaper_path(2, 300) == "absorbed"

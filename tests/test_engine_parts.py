@@ -63,7 +63,7 @@ def test_absorbed_mla_equals_naive_mla(v3_dir):
 
     def run(absorb: bool) -> torch.Tensor:
         for block in engine.model.model.layers:
-            block.self_attn.absorb = absorb
+            block.self_attn.path = "absorbed" if absorb else "naive"
         session = engine.new_session(len(ids) + 4)
         rows = [session.forward(ids)]
         for token in (5, 9, 11):  # decode steps read the cache through each path

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight, check_shape, quantize_to, quantize_weight
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
+from localv3.model.attention import HeadProjection
 from localv3.formats.table import BLOCK_TYPES, FORMATS, Q4_0, Q4_K, Q8_0, QuantError
 
 SEEDS = (0, 1, 2)
@@ -162,6 +163,23 @@ def test_quant_head_projection_matches_per_head_formula(kernel, seed, tokens):
     assert torch.equal(dequantized[1], quantize_to(weight[1], Q8_0).dequantize())
     expected = torch.stack([x[h] @ dequantized[h].T for h in range(heads)])  # [H, N, out]
     assert rel_err(projection(x), expected) < tolerance(kernel)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_head_projections_map_one_input_through_every_head(kernel, seed, tokens):
+    """The naive MLA path's products: every head's map of the same rows ([N, in] -> [N, H*out]),
+    and the heads' transposes stacked as rows, quantised and dense alike, per head by hand."""
+    heads, out_features, in_features = 4, 48, 64
+    weight = torch.randn(heads, out_features, in_features, generator=torch.Generator().manual_seed(seed)) / 8
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(seed + 10))
+    quantised = QuantHeadProjection(weight, Q8_0)
+    dequantized = quantised.dense_weight(torch.float32)  # [H, out, in]
+    for projection, reference, limit in ((quantised, dequantized, tolerance(kernel)), (HeadProjection(weight), weight, 1e-6)):
+        expected = torch.cat([x @ reference[h].T for h in range(heads)], dim=1)  # [N, H*out]
+        assert rel_err(projection.every_head(x), expected) < limit
+        rows = projection.transposed_rows(torch.float32)  # [H*in, out]
+        assert torch.equal(rows, torch.cat([reference[h].T for h in range(heads)]))
 
 
 def test_graphs_stay_cached_within_the_shared_budget(monkeypatch):

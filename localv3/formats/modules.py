@@ -42,16 +42,25 @@ def _warn_slow_path() -> None:
 
 
 class QuantMatrices(nn.Module):
-    """`count` block-quantised [out, in] matrices of one shape: `data` uint8 [count, out, row_bytes]."""
+    """`count` block-quantised [out, in] matrices of one shape: `data` uint8 [count, out, row_bytes].
 
-    def __init__(self, block_type: BlockType, count: int, out_features: int, in_features: int, device="cpu"):
+    `data` is allocated and filled by `store`, or given: e.g. a read-only view of a memory-mapped
+    file, which nothing here writes to (ggml reads weights; `store` is for allocated matrices)."""
+
+    def __init__(
+        self, block_type: BlockType, count: int, out_features: int, in_features: int, device="cpu", data: torch.Tensor | None = None
+    ):
         super().__init__()
         if in_features % block_type.block:
             raise QuantError(f"input dimension {in_features} is not a multiple of the {block_type.name} block size {block_type.block}")
         self.block_type = block_type
         self.out_features, self.in_features = out_features, in_features
-        row_bytes = block_type.row_bytes(in_features)
-        self.register_buffer("data", torch.empty(count, out_features, row_bytes, dtype=torch.uint8, device=device))
+        shape = (count, out_features, block_type.row_bytes(in_features))
+        if data is None:
+            data = torch.empty(shape, dtype=torch.uint8, device=device)
+        elif data.dtype != torch.uint8 or tuple(data.shape) != shape:
+            raise QuantError(f"{block_type.name} matrices {list(shape)} cannot view {data.dtype} {list(data.shape)}")
+        self.register_buffer("data", data)
 
     def store(self, index: int, weight: QuantizedWeight) -> None:
         if weight.shape != (self.out_features, self.in_features) or weight.block_type != self.block_type:
@@ -187,10 +196,13 @@ class QuantFeedForward(_GraphModule):
 class QuantExpertBank(_GraphModule):
     """The routed experts of one layer, block-quantised: the DenseExpertBank interface.
 
-    gate_up: E matrices [2 * I, D] (gate rows, then up rows); down: E matrices [D, I]. On the CPU
-    one ggml graph runs every chosen expert of every token (mul_mat_id, swiglu, mul_mat_id) and
-    torch sums the k outputs with the router weights; elsewhere each chosen expert runs once
-    on its tokens, dequantised.
+    Built by copying (`store`): gate_up, E matrices [2 * I, D] (gate rows, then up rows), and
+    down, E matrices [D, I]. Built over given matrices (`over`, e.g. a GGUF's memory-mapped
+    ffn_*_exps): gate and up apart, and `slots` [E'] naming the matrix of each of the bank's
+    experts (the given tensors may hold more experts than the bank serves). On the CPU one ggml
+    graph runs every chosen expert of every token (mul_mat_id, swiglu, mul_mat_id) and torch
+    sums the k outputs with the router weights; elsewhere each chosen expert runs once on its
+    tokens, dequantised.
     """
 
     def __init__(self, n_experts: int, dim: int, hidden: int, gate_up_type: BlockType, down_type: BlockType, device="cpu"):
@@ -198,6 +210,19 @@ class QuantExpertBank(_GraphModule):
         self.dim, self.hidden = dim, hidden
         self.gate_up = QuantMatrices(gate_up_type, n_experts, 2 * hidden, dim, device)
         self.down = QuantMatrices(down_type, n_experts, dim, hidden, device)
+        self.gate = self.up = None
+        self.slots: torch.Tensor | None = None
+
+    @classmethod
+    def over(cls, gate: QuantMatrices, up: QuantMatrices, down: QuantMatrices, slots: list[int]) -> QuantExpertBank:
+        """A bank of len(slots) experts, expert j being matrix slots[j] of gate, up and down
+        (each [E, out, row_bytes]), which it views, never copies."""
+        bank = cls.__new__(cls)
+        _GraphModule.__init__(bank)
+        bank.dim, bank.hidden = down.out_features, down.in_features
+        bank.gate_up, bank.gate, bank.up, bank.down = None, gate, up, down
+        bank.register_buffer("slots", torch.tensor(slots, dtype=torch.int32), persistent=False)
+        return bank
 
     def store(self, expert: int, gate: QuantizedWeight, up: QuantizedWeight, down: QuantizedWeight) -> None:
         self.gate_up.store(expert, _moved(_gate_up(gate, up), self.gate_up.data.device))
@@ -207,7 +232,8 @@ class QuantExpertBank(_GraphModule):
         """x [T, D], indices/weights [T, k] -> [T, D]."""
         if not _uses_ggml(x.device):
             return run_experts(x, indices, weights, self.expert_forward)
-        outputs = self._compute(indices.shape, self.gate_up.data, x=x, ids=indices)  # [T, k, D]
+        slots = indices if self.slots is None else self.slots[indices]  # [T, k]: the matrices chosen
+        outputs = self._compute(indices.shape, self.down.data, x=x, ids=slots)  # [T, k, D]
         mixed = torch.bmm(weights.unsqueeze(1).to(ACTIVATIONS), outputs)  # [T, 1, D]
         return mixed.view(x.shape).to(x.dtype)
 
@@ -219,14 +245,23 @@ class QuantExpertBank(_GraphModule):
         out = torch.empty(tokens, k, self.dim, dtype=ACTIVATIONS)
         x_t = graph.tensor_from(x, ne=(self.dim, 1, tokens))  # one row per token, shared by its k experts
         ids_t = graph.tensor_from(ids)  # [k, T]
-        gate_up = graph.mul_mat_id(self.gate_up.ggml_tensor(graph), x_t, ids_t)  # [2I, k, T]
-        down = graph.mul_mat_id(self.down.ggml_tensor(graph), graph.swiglu(gate_up), ids_t)  # [D, k, T]
+        if self.gate_up is not None:
+            hidden = graph.swiglu(graph.mul_mat_id(self.gate_up.ggml_tensor(graph), x_t, ids_t))  # [I, k, T]
+        else:
+            gate = graph.mul_mat_id(self.gate.ggml_tensor(graph), x_t, ids_t)  # [I, k, T]
+            hidden = graph.swiglu_split(gate, graph.mul_mat_id(self.up.ggml_tensor(graph), x_t, ids_t))
+        down = graph.mul_mat_id(self.down.ggml_tensor(graph), hidden, ids_t)  # [D, k, T]
         graph.finish([(down, out)])
         return _Staged(graph, {"x": x, "ids": ids}, out)
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up.dense(expert, x.dtype)).chunk(2, dim=-1)  # [N, I] each
-        return F.linear(F.silu(gate) * up, self.down.dense(expert, x.dtype))  # [N, D]
+        """x [N, D] -> [N, D] through the bank's expert `expert`, dequantised."""
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up.dense(expert, x.dtype)).chunk(2, dim=-1)  # [N, I] each
+            return F.linear(F.silu(gate) * up, self.down.dense(expert, x.dtype))  # [N, D]
+        slot = int(self.slots[expert])
+        gate, up = F.linear(x, self.gate.dense(slot, x.dtype)), F.linear(x, self.up.dense(slot, x.dtype))  # [N, I] each
+        return F.linear(F.silu(gate) * up, self.down.dense(slot, x.dtype))  # [N, D]
 
 
 class QuantHeadProjection(_GraphModule):
@@ -249,13 +284,30 @@ class QuantHeadProjection(_GraphModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _uses_ggml(x.device):
             return torch.bmm(x, self.dense_weight(x.dtype).transpose(1, 2))
-        return self._compute(x.shape[1], self.matrices.data, x=x).to(x.dtype, copy=True)  # [H, N, out]
+        return self._compute(("per head", x.shape[1]), self.matrices.data, x=x).to(x.dtype, copy=True)  # [H, N, out]
 
-    def _build(self, tokens: int) -> _Staged:
+    def every_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's map of the same inputs, as one matrix of H * out rows: x [N, in] -> [N, H * out]."""
+        if not _uses_ggml(x.device):
+            return F.linear(x, self.dense_weight(x.dtype).reshape(-1, self.in_features))
+        return self._compute(("every head", x.shape[0]), self.matrices.data, x=x).to(x.dtype, copy=True)
+
+    def transposed_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """[H * in, out], dequantised: row h*in + i is weight[h, :, i]."""
+        return self.dense_weight(dtype).transpose(1, 2).reshape(-1, self.out_features)
+
+    def _build(self, key: tuple[str, int]) -> _Staged:
+        layout, tokens = key
         graph = ggml.Graph()
-        x = torch.empty(self.heads, tokens, self.in_features, dtype=ACTIVATIONS)
-        out = torch.empty(self.heads, tokens, self.out_features, dtype=ACTIVATIONS)
-        product = graph.mul_mat(self.matrices.ggml_tensor(graph), graph.tensor_from(x))  # [out, N, H]
+        if layout == "per head":  # x [H, N, in] -> [H, N, out]
+            x = torch.empty(self.heads, tokens, self.in_features, dtype=ACTIVATIONS)
+            out = torch.empty(self.heads, tokens, self.out_features, dtype=ACTIVATIONS)
+            weights = self.matrices.ggml_tensor(graph)  # [in, out, H]
+        else:  # x [N, in] -> [N, H * out]
+            x = torch.empty(tokens, self.in_features, dtype=ACTIVATIONS)
+            out = torch.empty(tokens, self.heads * self.out_features, dtype=ACTIVATIONS)
+            weights = graph.tensor_from(self.matrices.data, self.matrices.block_type.ggml_type, (self.in_features, self.heads * self.out_features))
+        product = graph.mul_mat(weights, graph.tensor_from(x))
         graph.finish([(product, out)])
         return _Staged(graph, {"x": x}, out)
 

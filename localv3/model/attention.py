@@ -4,6 +4,11 @@ kv_b_proj maps a cached latent (kv_lora_rank = C) to every head's key (nope part
 `absorb_kv_b` splits its weight once, after loading, into W_UK and W_UV. Naive: expand every
 cached latent into per-head keys and values. Absorbed: fold W_UK into the query and W_UV into
 the output, so attention runs directly on the cached latents (the path DeepSeek uses for decoding).
+
+Each call takes the path with fewer multiply-adds (`cheaper_path`): absorbed for a decode step
+or a short draft over a long cache, naive for a prompt chunk, whose keys number about as many
+as its queries. For DeepSeek-V3 and a 256-token prompt the naive path costs half the absorbed
+one (its scores are 192 values deep, not 576, and no context passes through W_UV per query).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class MLA(nn.Module):
         self.kv_lora_rank = c.kv_lora_rank
         self.softmax_scale = c.softmax_scale
         self.rope_interleaved = rope_interleaved(c)
-        self.absorb = True
+        self.path = "auto"  # "absorbed", "naive" or "auto": the cheaper one for each call
         qk_dim = c.qk_head_dim
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk_dim, bias=False)
@@ -83,9 +88,19 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, self.rope_interleaved).squeeze(2)  # [B, S, rope]
         latent = self.kv_a_layernorm(latent)  # [B, S, C]
         latents, rope_keys = cache.write(cache_layer, start, latent, k_rope)  # [B, T, C], [B, T, rope]
-        mask = _future_mask(seq, latents.shape[1], start, x.device)  # [S, T] or None
-        attend = self._absorbed if self.absorb else self._naive
+        total = latents.shape[1]
+        mask = _future_mask(seq, total, start, x.device)  # [S, T] or None
+        path = self.cheaper_path(seq, total) if self.path == "auto" else self.path
+        attend = self._absorbed if path == "absorbed" else self._naive
         return self.o_proj(attend(q_nope, q_rope, latents, rope_keys, mask))
+
+    def cheaper_path(self, queries: int, keys: int) -> str:
+        """"naive" or "absorbed": whichever takes fewer multiply-adds per head for `queries` new
+        positions attending to `keys` cached ones (the projections around attention are equal)."""
+        rank, up = self.kv_lora_rank, self.nope_dim + self.v_dim
+        naive = keys * rank * up + queries * keys * (self.nope_dim + self.rope_dim + self.v_dim)
+        absorbed = queries * rank * up + queries * keys * (2 * rank + self.rope_dim)
+        return "naive" if naive < absorbed else "absorbed"
 
     def _absorbed(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
         """Attention over the latents themselves: q_nope through W_UK, the context through W_UV.
@@ -111,18 +126,21 @@ class MLA(nn.Module):
         return out.permute(1, 2, 0, 3).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
 
     def _naive(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
-        """Attention over per-head keys and values expanded from every cached latent (shapes as `_absorbed`)."""
+        """Attention over per-head keys and values expanded from every cached latent (shapes as
+        `_absorbed`): two products over all cached positions, then one fused attention call,
+        which never holds the [H, S, T] scores of a long prompt at once."""
         bsz, seq, heads, _ = q_nope.shape
+        total = latents.shape[1]
         uk, uv = self._up_projections()
-        w_uk, w_uv = uk.dense_weight(latents.dtype), uv.dense_weight(latents.dtype)  # [H, C, nope], [H, v, C]
-        k_nope = torch.einsum("btc,hcd->bhtd", latents, w_uk)  # [B, H, T, nope]
-        values = torch.einsum("btc,hvc->bhtv", latents, w_uv)  # [B, H, T, v]
-        scores = torch.einsum("bshd,bhtd->bhst", q_nope, k_nope) + torch.einsum(
-            "bshr,btr->bhst", q_rope, rope_keys
-        )  # [B, H, S, T]
-        probs = _attention_probs(scores * self.softmax_scale, mask)  # [B, H, S, T]
-        out = torch.einsum("bhst,bhtv->bshv", probs, values)  # [B, S, H, v]
-        return out.reshape(bsz, seq, heads * self.v_dim)
+        flat = latents.reshape(bsz * total, self.kv_lora_rank)  # [B*T, C]
+        k_nope = F.linear(flat, uk.transposed_rows(flat.dtype)).view(bsz, total, heads, self.nope_dim)  # [B, T, H, nope]
+        values = uv.every_head(flat).view(bsz, total, heads, self.v_dim).transpose(1, 2)  # [B, H, T, v]
+        k_rope = rope_keys.unsqueeze(2).expand(bsz, total, heads, self.rope_dim)  # [B, T, H, rope]
+        keys = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, H, T, nope+rope]
+        queries = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, nope+rope]
+        allowed = None if mask is None else ~mask  # [S, T]: true where a query may see a key
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
 
 
 class HeadProjection(nn.Module):
@@ -145,6 +163,14 @@ class HeadProjection(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """[H, out, in] in `dtype`."""
         return self.right.transpose(1, 2).to(dtype)
+
+    def every_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's map of the same inputs: x [N, in] -> [N, H * out]."""
+        return F.linear(x, self.dense_weight(x.dtype).reshape(-1, x.shape[-1]))
+
+    def transposed_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """The heads' transposed maps stacked as rows: [H * in, out] (row h*in + i is weight[h, :, i])."""
+        return self.right.reshape(-1, self.right.shape[-1]).to(dtype)
 
 
 def _future_mask(seq: int, total: int, start: int, device: torch.device) -> torch.Tensor | None:
