@@ -173,6 +173,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: unsupported topk_method {self.topk_method!r}")
         if self.hidden_act != "silu":
             raise ConfigError(f"{source}: unsupported hidden_act {self.hidden_act!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):  # no DeepSeek-V3-class model has either
+            if getattr(self, name):
+                raise ConfigError(f"{source}: {name} true is not supported (DeepSeek-V3-class models have it false)")
         if self.has_moe:
             if not self.num_experts_per_tok or not self.moe_intermediate_size:
                 raise ConfigError(f"{source}: MoE model needs num_experts_per_tok and moe_intermediate_size")

@@ -155,8 +155,7 @@ def _plan(source: _Source, config: ModelConfig, base: np.dtype) -> list[GgufTens
             for proj in ("gate", "up", "down"):
                 add(f"{blk}.ffn_{proj}_shexp.weight", f"{hf}.mlp.shared_experts.{proj}_proj.weight")
     add("output_norm.weight", "model.norm.weight")
-    if not c.tie_word_embeddings:
-        add("output.weight", "lm_head.weight")
+    add("output.weight", "lm_head.weight")
     return tensors
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from localv3.checkpoint import FLOAT_DTYPES, CheckpointReader
 from localv3.config import ModelConfig
-from localv3.errors import CheckpointError, ConfigError
+from localv3.errors import CheckpointError
 from localv3.model.moe import DenseExpertBank
 from localv3.model.transformer import Transformer
 
@@ -50,9 +50,6 @@ def skeleton(config: ModelConfig, with_mtp: bool) -> Transformer:
 
 def expected_tensors(config: ModelConfig, model: Transformer) -> dict[str, tuple[str, tuple[int, ...]]]:
     """checkpoint tensor name -> (our parameter name, shape), experts listed one by one."""
-    for field in ("tie_word_embeddings", "attention_bias"):  # no DeepSeek-V3-class checkpoint has either
-        if getattr(config, field):
-            raise ConfigError(f"config.json: {field} true is not supported (DeepSeek-V3-class models have it false)")
     expected = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         owner, _, leaf = name.rpartition(".")

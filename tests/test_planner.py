@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from localv3.config import ModelConfig
+from localv3.config import ConfigError, ModelConfig
 from localv3.offload.hardware import Hardware, hardware_from_profile
 from localv3.offload.profiles import load_profiles
 from localv3.offload.stated import StatedHardware, stated_machine
@@ -267,14 +267,13 @@ def test_a_context_beyond_the_model_is_refused(moonlight):
     assert error.value.render({"context": "--ctx"}).startswith("--ctx 16384: longer than")
 
 
-def test_tied_embeddings_are_read_as_the_lm_head():
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "attention_bias"])
+def test_a_config_the_engine_cannot_load_is_not_planned_either(field):
+    """The planner reads the same validated config as the loader: no plan for a model that
+    would then be refused at load."""
     config = json.loads((CONFIGS / "moonlight-16b-a3b-instruct.json").read_text())
-    tied = ModelShape.from_config(ModelConfig.from_dict({**config, "tie_word_embeddings": True}), "tied")
-    assert tied.group("lm_head") is None
-    p = plan(tied, Quantization(), machine(gpu_mem=int(3.5 * GiB), ram=32 * GiB), 4096)
-    embedding = next(g for g in p.groups if g.kind == "embedding")
-    assert embedding.device == p.layout.head_device == p.layout.embedding_device == GPU
-    assert p.layout.count_experts(CPU) > 0
+    with pytest.raises(ConfigError, match=rf"^moonlight.json: {field} true is not supported"):
+        ModelConfig.from_dict({**config, field: True}, source="moonlight.json")
 
 
 def test_leaving_out_mtp_drops_its_groups_and_cache_row(v3):
@@ -573,7 +572,7 @@ def test_the_planner_counts_each_role_as_the_checkpoint_holds_it(tmp_path, overr
     raw = {**V3_MTP, **overrides}
     model = write_checkpoint(tmp_path, raw, dtype=torch.float32)
     config = ModelConfig.from_dict(raw)
-    unused_copies = re.compile(rf"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
+    unused_copies = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
     stored = Counter()
     for name, info in CheckpointReader(model).tensors.items():
         copy = unused_copies.match(name)

@@ -300,10 +300,8 @@ class _Planner:
             for i in self.layers
         ]
         main, mtp = layers[: s.num_layers], layers[s.num_layers :]
-        embedding, lm_head = s.group("embedding"), s.group("lm_head")
-        if lm_head is None:  # tied: lm_head reads the embedding matrix
-            return main + [_Unit("lm_head", (s.group("norm"), embedding))] + mtp
-        return main + [_Unit("lm_head", (s.group("norm"), lm_head))] + mtp + [_Unit("embeddings", (embedding,))]
+        head = _Unit("lm_head", (s.group("norm"), s.group("lm_head")))
+        return main + [head] + mtp + [_Unit("embeddings", (s.group("embedding"),))]
 
     def _resident_groups(self, layer: int) -> tuple[TensorGroup, ...]:
         return tuple(g for g in self.shape.layer_groups(layer) if g.kind != "routed_expert")

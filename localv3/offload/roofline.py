@@ -140,7 +140,7 @@ class Roofline:
             previous = device
         if layout.head_device != previous:
             path += self._handoff(tokens)
-        head = [self.shape.group("norm"), self.shape.group("lm_head") or self.shape.group("embedding")]
+        head = [self.shape.group("norm"), self.shape.group("lm_head")]
         path += self._groups_roof(layout.head_device, head, logit_rows)
         return path
 

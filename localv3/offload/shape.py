@@ -204,8 +204,6 @@ def _embedding(c: ModelConfig) -> TensorGroup:
 
 def _head(c: ModelConfig) -> list[TensorGroup]:
     norm = TensorGroup("model.norm", "norm", None, (_vector("norm.weight", c.hidden_size),))
-    if c.tie_word_embeddings:  # lm_head reads the embedding matrix, already counted
-        return [norm]
     lm_head = TensorGroup("lm_head", "lm_head", None, (_matrix("lm_head", c.vocab_size, c.hidden_size, ""),))
     return [norm, lm_head]
 
@@ -216,8 +214,6 @@ def _attention(c: ModelConfig) -> list[PlannedTensor]:
     if c.q_lora_rank:
         tensors += [_matrix("q_a_proj", c.q_lora_rank, h, ATTENTION), _vector("q_a_layernorm.weight", c.q_lora_rank)]
         tensors += [_matrix("q_b_proj", heads * c.qk_head_dim, c.q_lora_rank, ATTENTION)]
-        if c.attention_bias:
-            tensors += [_vector("q_a_proj.bias", c.q_lora_rank)]
     else:
         tensors += [_matrix("q_proj", heads * c.qk_head_dim, h, ATTENTION)]
     tensors += [
@@ -226,8 +222,6 @@ def _attention(c: ModelConfig) -> list[PlannedTensor]:
         _matrix("kv_b_proj", heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, ATTENTION),
         _matrix("o_proj", h, heads * c.v_head_dim, ATTENTION),
     ]
-    if c.attention_bias:
-        tensors += [_vector("kv_a_proj_with_mqa.bias", c.kv_lora_rank + c.qk_rope_head_dim), _vector("o_proj.bias", h)]
     return tensors
 
 
