@@ -1,8 +1,9 @@
 """`localv3.load`: the one way a model is loaded, for the Python API and the CLI alike.
 
-A GGUF file (or `engine="llama.cpp"`) gets the llama.cpp engine; anything else is planned for
-this machine (or the `hardware` given) and built by localv3.offload.runtime: the same PlannedEngine
-that `localv3 chat` uses, with the same placement, quantisation and context options.
+A GGUF file gets the llama.cpp engine unless `engine="native"` is asked for; anything else (and
+a GGUF file with `engine="native"`) is planned for this machine (or the `hardware` given) and
+built by localv3.offload.runtime: the same PlannedEngine that `localv3 chat` uses, with the same
+placement, quantisation and context options.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`--engine native|llama.cpp`: from a model name or path to a loaded Engine.
 
-The native engine reads safetensors checkpoints; the llama.cpp engine reads a GGUF file,
-either given directly or found in the model's directory. Both offer the same interface.
+The native engine reads safetensors checkpoints and GGUF files given directly; the llama.cpp
+engine reads a GGUF file, either given directly or found in the model's directory. A GGUF file
+goes to the llama.cpp engine unless the native one is asked for. Both offer the same interface.
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def find_gguf(model: str) -> Path:
 
 
 def weights_path(model: str, engine: str) -> Path:
-    """The files `engine` would load for `model`: a GGUF file (llama.cpp) or a checkpoint directory (native)."""
+    """The files `engine` would load for `model`: a GGUF file (llama.cpp), or a checkpoint
+    directory or GGUF file (native)."""
     if engine == "llama.cpp":
         return find_gguf(model)
     if engine != "native":
         raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
     if _is_gguf_file(Path(model).expanduser()):
-        raise EngineChoiceError(f"{model} is a GGUF file: the native engine reads safetensors; use --engine llama.cpp")
+        return Path(model).expanduser()
     from localv3.registry import resolve_model_dir
 
     return resolve_model_dir(model)

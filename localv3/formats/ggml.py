@@ -69,6 +69,18 @@ class _ThreadpoolParams(ctypes.Structure):  # struct ggml_threadpool_params (ggm
     ]
 
 
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
 P, I64, SIZE = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
 _SIGNATURES = {  # name -> (library, result, arguments)
     "ggml_init": ("base", P, [_InitParams]),
@@ -81,6 +93,8 @@ _SIGNATURES = {  # name -> (library, result, arguments)
     "ggml_mul_mat": ("base", P, [P, P, P]),
     "ggml_mul_mat_id": ("base", P, [P, P, P, P]),
     "ggml_swiglu": ("base", P, [P, P]),
+    "ggml_swiglu_split": ("base", P, [P, P, P]),
+    "ggml_get_type_traits": ("base", ctypes.POINTER(_TypeTraits), [ctypes.c_int]),
     "ggml_new_graph_custom": ("base", P, [P, SIZE, ctypes.c_bool]),
     "ggml_build_forward_expand": ("base", None, [P, P]),
     "ggml_nbytes": ("base", SIZE, [P]),
@@ -244,6 +258,10 @@ class Graph:
         """silu(first half of ne[0]) * second half."""
         return self.lib.ggml_swiglu(self.ctx, x)
 
+    def swiglu_split(self, gate: int, up: int) -> int:
+        """silu(gate) * up."""
+        return self.lib.ggml_swiglu_split(self.ctx, gate, up)
+
     # running
     def finish(self, outputs: list[tuple[int, torch.Tensor]]) -> None:
         """Bind each output to its torch tensor, then allocate the intermediates."""
@@ -362,4 +380,18 @@ def quantize_rows(values: torch.Tensor, ggml_type: int, threads: int | None = No
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(quantize, bounds[:-1], bounds[1:]))
+    return out
+
+
+def dequantize_rows(blocks: torch.Tensor, ggml_type: int, n: int) -> torch.Tensor:
+    """uint8 [rows, row_bytes] in `ggml_type`'s block layout -> fp32 [rows, n], by ggml's own
+    dequantiser (any block type it knows)."""
+    traits = lib().ggml_get_type_traits(ggml_type).contents
+    if not traits.to_float:
+        raise GgmlError(f"ggml has no dequantiser for type {ggml_type}")
+    source = blocks.contiguous()
+    if source.shape[-1] != row_bytes(ggml_type, n):
+        raise GgmlError(f"rows of {source.shape[-1]} bytes are not {n} values of ggml type {traits.type_name.decode()}")
+    out = torch.empty(*source.shape[:-1], n, dtype=torch.float32)
+    traits.to_float(source.data_ptr(), out.data_ptr(), out.numel())
     return out

@@ -18,7 +18,7 @@ from torch import nn
 from localv3.files import warn
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight, dequantize_rows, quantize_to
-from localv3.formats.table import BlockType, QuantError
+from localv3.formats.table import BLOCK_TYPES, BlockType, QuantError
 from localv3.model.moe import run_experts
 
 ACTIVATIONS = torch.float32  # what the ggml graphs take in and give out
@@ -31,6 +31,12 @@ def _uses_ggml(device: torch.device) -> bool:
         return True
     _warn_slow_path()
     return False
+
+
+def runs_blocks(block_type: BlockType, device: torch.device) -> bool:
+    """Whether the modules here compute over `block_type` blocks on `device`: ggml's CPU kernels
+    take every ggml type; elsewhere only the block types torch dequantises (BLOCK_TYPES)."""
+    return (device.type == "cpu" and ggml.available()) or block_type.name in BLOCK_TYPES
 
 
 @functools.cache

@@ -44,7 +44,28 @@ class BlockType:
 Q8_0 = BlockType("q8_0", 8, 32, 34)
 Q4_0 = BlockType("q4_0", 2, 32, 18)
 Q4_K = BlockType("q4_k", 12, 256, 144)
-BLOCK_TYPES = {t.name: t for t in (Q8_0, Q4_0, Q4_K)}
+BLOCK_TYPES = {t.name: t for t in (Q8_0, Q4_0, Q4_K)}  # what a localv3 checkpoint stores
+# The ggml types of GGUF tensors the native engine reads: the float ones (a "block" of one
+# element) and further block types, which ggml's CPU kernels run as stored (another device gets
+# them dequantised once, at load); ggml's sizes.
+GGUF_BLOCK_TYPES = {
+    t.name: t
+    for t in (
+        BlockType("f32", 0, 1, 4),
+        BlockType("f16", 1, 1, 2),
+        BlockType("bf16", 30, 1, 2),
+        *BLOCK_TYPES.values(),
+        BlockType("q4_1", 3, 32, 20),
+        BlockType("q5_0", 6, 32, 22),
+        BlockType("q5_1", 7, 32, 24),
+        BlockType("q2_k", 10, 256, 84),
+        BlockType("q3_k", 11, 256, 110),
+        BlockType("q5_k", 13, 256, 176),
+        BlockType("q6_k", 14, 256, 210),
+        BlockType("iq4_nl", 20, 32, 18),
+        BlockType("iq4_xs", 23, 256, 136),
+    )
+}
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localv3.config import ModelConfig
-from localv3.errors import LocalV3Error
 from localv3.formats.table import FORMATS, BlockType, WeightFormat
+from localv3.gguf_config import GgufError, config_from_gguf
 from localv3.offload.shape import ModelShape
 
 SPLIT_PART = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -46,10 +46,37 @@ MODEL_TENSORS = {
     "norm": {"norm.weight": ("output_norm.weight",)},
     "lm_head": {"lm_head.weight": ("output.weight",)},
 }
+# where those tensors sit in a Hugging Face checkpoint: under `model.layers.N.` plus these
+# prefixes (layer kinds; `{expert}` is the routed expert's number), or these (model-wide kinds)
+LAYER_PREFIXES = {
+    "attention": "self_attn.",
+    "norm": "",
+    "dense_ffn": "mlp.",
+    "router": "mlp.",
+    "shared_expert": "mlp.shared_experts.",
+    "routed_expert": "mlp.experts.{expert}.",
+}
+MODEL_PREFIXES = {"embedding": "model.", "norm": "model.", "lm_head": ""}
 
 
-class GgufError(LocalV3Error):
-    """A GGUF file that cannot be read for planning."""
+def checkpoint_tensor_names(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """Hugging Face checkpoint name -> the llama.cpp tensor names that may hold it, for every
+    tensor but the routed experts (a GGUF holds a layer's experts of one projection as one
+    tensor: `expert_tensor_name`)."""
+    names = {MODEL_PREFIXES[kind] + name: held for kind, table in MODEL_TENSORS.items() for name, held in table.items()}
+    for layer in range(num_layers):
+        for kind, table in LAYER_TENSORS.items():
+            if kind == "routed_expert":
+                continue
+            for name, held in table.items():
+                names[f"model.layers.{layer}.{LAYER_PREFIXES[kind]}{name}"] = tuple(f"blk.{layer}.{h}" for h in held)
+    return names
+
+
+def expert_tensor_name(layer: int, projection: str) -> str:
+    """The GGUF tensor holding every routed expert's `projection` (gate_proj, up_proj, down_proj) of `layer`."""
+    (held,) = LAYER_TENSORS["routed_expert"][f"{projection}.weight"]
+    return f"blk.{layer}.{held}"
 
 
 @dataclass(frozen=True)
@@ -94,16 +121,24 @@ def ggml_format(type_name: str) -> WeightFormat:
 def read_gguf(path: Path) -> GgufModel:
     """The configuration (from the metadata, as the llama.cpp engine reads it) and tensor types
     of the model in `path`, a .gguf file or the first of its split parts."""
-    parts = split_parts(path)
-    readers = [_reader(part) for part in parts]
+    return gguf_model(path, open_parts(path))
+
+
+def open_parts(path: Path) -> list:
+    """A GGUFReader (a read-only memory map) of every part of the model in `path`."""
+    return [_reader(part) for part in split_parts(path)]
+
+
+def gguf_model(path: Path, readers: list) -> GgufModel:
+    """The model whose parts `readers` read (open_parts(path))."""
     tensor_types = {t.name: t.tensor_type.name for reader in readers for t in reader.tensors}
-    metadata = _metadata(readers[0])
+    metadata = gguf_metadata(readers[0])
     if "deepseek2.vocab_size" not in metadata and "token_embd.weight" in tensor_types:
         embedding = next(t for reader in readers for t in reader.tensors if t.name == "token_embd.weight")
         metadata["deepseek2.vocab_size"] = str(int(embedding.shape[-1]))  # ggml order: [hidden, vocab]
     match = SPLIT_PART.match(path.name)
     name = match.group("stem") if match else path.stem
-    return GgufModel(name, _config(metadata, path), tuple(parts), tensor_types)
+    return GgufModel(name, config_from_gguf(metadata, str(path)), tuple(split_parts(path)), tensor_types)
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -128,7 +163,7 @@ def _reader(path: Path):
         raise GgufError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
-def _metadata(reader) -> dict[str, str]:
+def gguf_metadata(reader) -> dict[str, str]:
     """Key -> value as llama.cpp prints it (booleans `true`/`false`); arrays are left out."""
     from gguf import GGUFValueType
 
@@ -139,17 +174,6 @@ def _metadata(reader) -> dict[str, str]:
         value = field.contents()
         metadata[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return metadata
-
-
-def _config(metadata: dict[str, str], path: Path) -> ModelConfig:
-    try:
-        from localv3.engines.llama_cpp import config_from_gguf
-    except ImportError:
-        raise GgufError(
-            f"{path}: planning a GGUF reads its configuration as the llama.cpp engine does, which needs "
-            "llama-cpp-python: pip install 'localv3[llama]'"
-        ) from None
-    return config_from_gguf(metadata, str(path))
 
 
 def type_named(precision: str) -> str | None:

@@ -17,6 +17,11 @@ matrix whose input dimension no block type of the format divides, and every floa
 (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
 
+A GGUF file (localv3.offload.gguf_weights) is planned in its own tensor types and built the same
+way: its routed experts that the host computes are views of the file's read-only mapping (copied
+from nothing), its other matrices as stored where their device computes their type, else
+dequantised once at load.
+
 `load_planned`: a model -> a Plan for this machine (or given hardware) -> a PlannedEngine.
 """
 
@@ -50,7 +55,7 @@ from localv3.model.moe import DenseExpertBank, FeedForward, MoE
 from localv3.model.rope import RotaryEmbedding
 from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
-from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
+from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear, runs_blocks
 from localv3.formats.roles import FP32_TENSOR_SUFFIXES, weight_role
 from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
@@ -58,6 +63,7 @@ from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
 from localv3.offload.banks import BankSlice, DiskExpertBank, PlacedExperts
 from localv3.offload.device_hops import StageDevices, add_device_hops
+from localv3.offload.gguf_weights import GgufSource, GgufWeights, is_gguf_file, open_gguf
 from localv3.offload.hardware import Hardware, detect_hardware
 from localv3.offload.layout import CPU, DISK, GPU, Layout
 from localv3.offload.planner import Plan, Policy, plan
@@ -111,18 +117,22 @@ def build_model(
     dtype: torch.dtype,
     with_mtp: bool = True,
     reader: CheckpointReader | None = None,
+    weights: Weights | GgufWeights | None = None,
 ) -> Transformer:
-    """The Transformer with every part where `layout` puts it, quantised as `quant` says."""
-    reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
-    weights = Weights(reader, read_manifest(reader.dir))
+    """The Transformer with every part where `layout` puts it, quantised as `quant` says (a
+    GGUF's `weights`: as its tensor types are)."""
+    if weights is None:
+        reader = reader or CheckpointReader(model_dir, config.fp8_block_size or (128, 128))
+        weights = Weights(reader, read_manifest(reader.dir))
+    reader = weights.reader
     placed_mtp = len(layout.layer_devices) > config.num_hidden_layers
     model = skeleton(config, with_mtp and placed_mtp and has_mtp_weights(config, reader))
     expected = expected_tensors(config, model)
     if weights.manifest is not None:
         expected = quantized_expectations(expected, weights.manifest)
-    validate_checkpoint(reader, expected)
+    weights.validate(expected)
     devices = Devices(layout, torch.device(gpu_device), config.num_hidden_layers)
-    linears = _quantised_linears(model, config, weights, quant.dense)
+    linears = _quantised_linears(model, config, weights, quant.dense, devices)
     for tensor_name, (name, _) in expected.items():
         if "[" in name or name.endswith(QUANTIZED_SUFFIX) or name.removesuffix(".weight") in linears:
             continue  # routed experts and quantised weights: below
@@ -177,6 +187,9 @@ class Weights:
     reader: CheckpointReader
     manifest: Manifest | None
 
+    def validate(self, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        validate_checkpoint(self.reader, expected)
+
     def stored_format(self, weight_name: str) -> BlockType | None:
         return self.manifest.format_of(weight_name) if self.manifest else None
 
@@ -191,12 +204,20 @@ class Weights:
             return read_quantized(self.reader, weight_name, stored, in_features)
         return quantize_to(self.reader.get(weight_name, torch.float32), stored)
 
+    def mapped_experts(self, layer: int, expert_ids: list[int]) -> None:
+        """Experts are copied, not mapped, from safetensors: a shard stores each expert's
+        projections as tensors of their own in name order (expert 10 before expert 2), a layer's
+        experts may span shards, and the data is not 32-byte aligned, while ggml's mul_mat_id
+        takes one 3-D tensor at one stride (a GGUF's ffn_*_exps: GgufWeights)."""
+        return None
+
 
 def _quantised_linears(
-    model: Transformer, config: ModelConfig, weights: Weights, scheme: str
+    model: Transformer, config: ModelConfig, weights: Weights | GgufWeights, scheme: str, devices: Devices
 ) -> dict[str, tuple[BlockType, int]]:
     """Module name -> (block type, input features) of every dense-role nn.Linear (the role rule
-    of localv3.formats.roles) that the checkpoint stores quantised or that `scheme` quantises."""
+    of localv3.formats.roles) that the checkpoint stores quantised or that `scheme` quantises,
+    where its device computes that block type (else it is held dequantised)."""
     chosen = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -205,7 +226,7 @@ def _quantised_linears(
         if weight_role(weight_name, 2) != "dense":
             continue
         stored = weights.block_type(weight_name, scheme, module.in_features)
-        if stored is not None:
+        if stored is not None and runs_blocks(stored, devices.of_param(name)):
             chosen[name] = (stored, module.in_features)
     return chosen
 
@@ -213,14 +234,16 @@ def _quantised_linears(
 def _place_experts(
     moe: MoE,
     layer: int,
-    weights: Weights,
+    weights: Weights | GgufWeights,
     config: ModelConfig,
     layout: Layout,
     devices: Devices,
     scheme: str,
     dtype: torch.dtype,
 ) -> None:
-    """Replace the layer's expert bank by its slices per device, the shared expert moved in."""
+    """Replace the layer's expert bank by its slices per device, the shared expert moved in.
+    Experts computed by the host (cpu, disk and a CPU `gpu`) view the file where the weights
+    map them (a GGUF); else a bank of their types where the device computes them, else floats."""
     n_experts, dim, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     prefix = f"model.layers.{layer}.mlp.experts"
     first = expert_tensor_names(prefix, 0)
@@ -233,10 +256,13 @@ def _place_experts(
         if not ids:
             continue
         device = devices.of(where)
-        if where == DISK:
+        mapped = weights.mapped_experts(layer, ids) if device == HOST else None
+        if mapped is not None:
+            bank = mapped
+        elif where == DISK:
             stored = (weights.stored_format(first["gate_proj"]), weights.stored_format(first["down_proj"]))
             bank = DiskExpertBank(weights.reader, prefix, ids, dim, hidden, stored if all(stored) else None)
-        elif quantized:
+        elif quantized and runs_blocks(gate_up_type, device) and runs_blocks(down_type, device):
             bank = _quant_bank(weights, prefix, ids, dim, hidden, gate_up_type, down_type, device)
         else:
             bank = _dense_bank(weights.reader, prefix, ids, dim, hidden, dtype, device)
@@ -245,7 +271,7 @@ def _place_experts(
     moe.experts = PlacedExperts(slices, shared)
 
 
-def _quant_bank(weights: Weights, prefix, ids, dim, hidden, gate_up_type, down_type, device) -> QuantExpertBank:
+def _quant_bank(weights: Weights | GgufWeights, prefix, ids, dim, hidden, gate_up_type, down_type, device) -> QuantExpertBank:
     bank = QuantExpertBank(len(ids), dim, hidden, gate_up_type, down_type, device)
     for j, expert in enumerate(ids):
         names = expert_tensor_names(prefix, expert)
@@ -380,8 +406,11 @@ def load_planned(
     """
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise LocalV3Error(f"max_context must be a whole number of tokens >= 1, not {context!r}")
-    model_dir = resolve_model_dir(model)
-    config = ModelConfig.from_file(model_dir)
+    gguf = open_gguf(Path(model).expanduser().resolve()) if is_gguf_file(model) else None
+    if gguf is not None and quantization is not None:
+        raise LocalV3Error(f"{gguf.path}: a GGUF's tensor types are fixed; it is planned and run as it stores them")
+    model_dir = gguf.path if gguf else resolve_model_dir(model)  # a GGUF: the file
+    config = gguf.config if gguf else ModelConfig.from_file(model_dir)
     hardware = hardware or detect_hardware()
     context = min(context or DEFAULT_MAX_CONTEXT, config.max_position_embeddings)
     policy = policy or Policy()
@@ -389,17 +418,25 @@ def load_planned(
     if policy.routing_profile is None and profile_path is not None:
         policy = replace(policy, routing_profile=load_profile(profile_path))
     policy = replace(policy, include_mtp=policy.include_mtp and with_mtp)
-    shape = ModelShape.from_config(config, model_dir.name)
-    result = plan(shape, quantization or stored_quantization(read_manifest(model_dir), config), hardware, context, policy)
+    shape = ModelShape.from_config(config, gguf.model.name if gguf else model_dir.name)
+    stored = gguf.quantization(shape) if gguf else stored_quantization(read_manifest(model_dir), config)
+    result = plan(shape, quantization or stored, hardware, context, policy)
     torch.set_num_threads(cpu_threads or default_cpu_threads(config))
     gpu = torch.device(gpu_device) if gpu_device is not None else default_device()
     first = Devices(result.layout, gpu, config.num_hidden_layers).of(result.layout.layer_devices[0])
     transformer = build_model(
-        model_dir, config, result.layout, result.quantization, gpu, dtype or default_dtype(first), with_mtp
-    )
+        model_dir, config, result.layout, result.quantization, gpu, dtype or default_dtype(first), with_mtp,
+        weights=gguf.weights if gguf else None,
+    )  # fmt: skip
     routing = None
     if record_routing and config.n_routed_experts:
         routing = RoutingStats.resume(model_dir, config.n_routed_experts)
         routing.attach(transformer)
-    tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    tokenizer = _tokenizer(model_dir, gguf)
     return PlannedEngine(model_dir, config, transformer, tokenizer, context, result, gpu, routing)
+
+
+def _tokenizer(model_dir: Path, gguf: GgufSource | None) -> Tokenizer | None:
+    if gguf is not None:
+        return gguf.tokenizer()
+    return Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
