@@ -174,8 +174,8 @@ def test_each_call_takes_the_path_with_fewer_multiply_adds(config_file):
     """With every shipped model's widths: decode steps and short drafts over a cache read the
     latents (absorbed); a prompt chunk, whose keys are about its own queries, expands them (naive)."""
     mla = shipped_mla(config_file)
-    assert mla.cheaper_path(1, 16) == mla.cheaper_path(1, 4096) == mla.cheaper_path(3, 4096) == "absorbed"
-    assert mla.cheaper_path(64, 64) == mla.cheaper_path(512, 512) == mla.cheaper_path(512, 1024) == "naive"
+    assert mla.widths.cheaper_path(1, 16) == mla.widths.cheaper_path(1, 4096) == mla.widths.cheaper_path(3, 4096) == "absorbed"
+    assert mla.widths.cheaper_path(64, 64) == mla.widths.cheaper_path(512, 512) == mla.widths.cheaper_path(512, 1024) == "naive"
 
 
 def shipped_mla(config_file: str) -> MLA:
@@ -192,5 +192,5 @@ def test_the_path_costs_are_the_counted_multiply_adds():
     absorbed = lambda s, t: s * 512 * 256 + s * t * (512 + 64 + 512)  # noqa: E731
     for queries, keys in ((1, 1), (2, 300), (170, 4096), (200, 4096), (256, 256), (512, 8192)):
         expected = "naive" if naive(queries, keys) < absorbed(queries, keys) else "absorbed"
-        assert mla.cheaper_path(queries, keys) == expected, (queries, keys)
-    assert mla.cheaper_path(512, 8192) == "naive" and mla.cheaper_path(2, 300) == "absorbed"
+        assert mla.widths.cheaper_path(queries, keys) == expected, (queries, keys)
+    assert mla.widths.cheaper_path(512, 8192) == "naive" and mla.widths.cheaper_path(2, 300) == "absorbed"

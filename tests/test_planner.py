@@ -349,7 +349,7 @@ def test_cpu_decode_is_bytes_read_over_bandwidth_when_nothing_else_costs(moonlig
 
 def test_cpu_prefill_is_flops_over_compute_when_bandwidth_is_plentiful(moonlight):
     """Moonlight on a CPU-only machine stated as 4 TFLOP/s with unlimited memory bandwidth and
-    no fixed costs: a 512-token prefill chunk (256 tokens cached before it, context 4096) costs
+    no fixed costs: a 512-token prefill chunk (256 keys on average, context 4096) costs
     its FLOPs over the CPU's rates, counted here from config.json by hand. The achievable
     fraction halves the FLOP/s (F = 2e12); ggml's q8/q4 products are assumed at 2F, float
     tensors run at F."""
@@ -366,11 +366,14 @@ def test_cpu_prefill_is_flops_over_compute_when_bandwidth_is_plentiful(moonlight
     routed = 6 * 3 * 1408 * hidden  # the 6 experts a token picks (q4)
     vectors = 2 * hidden + rank  # the layer's two RMSNorms and the latent's (float)
     router = 64 * hidden + 64  # fp32
-    scores = cached * heads * (2 * rank + rope)  # absorbed MLA over the cached rows (float)
+    # naive MLA over the cached rows (the cheaper path for a chunk, float): kv_b expands every
+    # key's latent instead of mapping every query (which `attention` counts), then 192-deep
+    # scores and 128-wide values
+    expansion = heads * (cached * rank * 256 + tokens * cached * (128 + rope + 128) - tokens * rank * 256)
     quantized = layers * attention + dense_ffn + moe_layers * (shared + routed)  # multiply-adds per token
-    floats = layers * (vectors + scores) + moe_layers * router
+    floats = layers * vectors + moe_layers * router
     head = 2 * (vocab * hidden + hidden) / flops  # logits of the last token only (bf16)
-    seconds = tokens * (2 * quantized / (2 * flops) + 2 * floats / flops) + head
+    seconds = tokens * (2 * quantized / (2 * flops) + 2 * floats / flops) + layers * 2 * expansion / flops + head
     assert p.predicted.prefill_chunk == tokens
     assert p.predicted.prefill_tok_s == pytest.approx(tokens / seconds, rel=1e-9)
 

@@ -5,10 +5,11 @@ kv_b_proj maps a cached latent (kv_lora_rank = C) to every head's key (nope part
 cached latent into per-head keys and values. Absorbed: fold W_UK into the query and W_UV into
 the output, so attention runs directly on the cached latents (the path DeepSeek uses for decoding).
 
-Each call takes the path with fewer multiply-adds (`cheaper_path`): absorbed for a decode step
-or a short draft over a long cache, naive for a prompt chunk, whose keys number about as many
-as its queries. For DeepSeek-V3 and a 256-token prompt the naive path costs half the absorbed
-one (its scores are 192 values deep, not 576, and no context passes through W_UV per query).
+Each call takes the path with fewer multiply-adds (localv3.model.mla_cost): absorbed for a
+decode step or a short draft over a long cache, naive for a prompt chunk, whose keys number
+about as many as its queries. For DeepSeek-V3 and a 256-token prompt the naive path costs half
+the absorbed one (its scores are 192 values deep, not 576, and no context passes through W_UV
+per query).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from localv3.config import ModelConfig
 from localv3.model.cache import LatentCache
+from localv3.model.mla_cost import MLAWidths
 from localv3.model.norm import RMSNorm
 from localv3.model.rope import apply_rope, rope_interleaved
 
@@ -30,6 +32,7 @@ class MLA(nn.Module):
         self.n_heads = c.num_attention_heads
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
+        self.widths = MLAWidths(self.n_heads, c.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim)
         self.softmax_scale = c.softmax_scale
         self.rope_interleaved = rope_interleaved(c)
         self.path = "auto"  # "absorbed", "naive" or "auto": the cheaper one for each call
@@ -90,17 +93,9 @@ class MLA(nn.Module):
         latents, rope_keys = cache.write(cache_layer, start, latent, k_rope)  # [B, T, C], [B, T, rope]
         total = latents.shape[1]
         mask = _future_mask(seq, total, start, x.device)  # [S, T] or None
-        path = self.cheaper_path(seq, total) if self.path == "auto" else self.path
+        path = self.widths.cheaper_path(seq, total) if self.path == "auto" else self.path
         attend = self._absorbed if path == "absorbed" else self._naive
         return self.o_proj(attend(q_nope, q_rope, latents, rope_keys, mask))
-
-    def cheaper_path(self, queries: int, keys: int) -> str:
-        """"naive" or "absorbed": whichever takes fewer multiply-adds per head for `queries` new
-        positions attending to `keys` cached ones (the projections around attention are equal)."""
-        rank, up = self.kv_lora_rank, self.nope_dim + self.v_dim
-        naive = keys * rank * up + queries * keys * (self.nope_dim + self.rope_dim + self.v_dim)
-        absorbed = queries * rank * up + queries * keys * (2 * rank + self.rope_dim)
-        return "naive" if naive < absorbed else "absorbed"
 
     def _absorbed(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
         """Attention over the latents themselves: q_nope through W_UK, the context through W_UV.

@@ -4,7 +4,8 @@ critical path of one forward.
 Each stage costs max(bytes read / achievable bandwidth, FLOPs / achievable FLOP/s) on its
 device. A forward over T tokens with C cached tokens, per decoder layer:
 - the layer's resident weights are read once; attention also reads C rows of the latent cache
-  and does 2 T C heads (2 kv_lora_rank + qk_rope_head_dim) FLOPs (absorbed MLA);
+  and does the FLOPs of the MLA path the engine takes for T queries over C keys (naive for a
+  prompt chunk, absorbed for a decode step: localv3.model.mla_cost);
 - a routed expert e with routing probability p_e (per token) is read when any of the T tokens
   picks it, probability 1 - (1 - p_e)^T, and does 2 T p_e x its weights FLOPs;
 - experts away from the layer's device cost a hand-off each way (hidden states over PCIe plus a
@@ -171,8 +172,16 @@ class Roofline:
         groups = [g for g in self.shape.layer_groups(layer) if g.kind not in ("shared_expert", "routed_expert")]
         s = self.shape
         kv_bytes = context * s.kv_bytes_per_token_per_layer
-        attention_flops = 2 * tokens * context * s.num_attention_heads * (2 * s.kv_lora_rank + s.qk_rope_head_dim)
+        attention_flops = 2 * self._attention_multiply_adds(tokens, context)
         return self._groups_roof(device, groups, tokens) + self._roof(device, kv_bytes, attention_flops)
+
+    def _attention_multiply_adds(self, tokens: int, context: int) -> int:
+        """The engine's cheaper MLA path for `tokens` queries over `context` keys, less what the
+        layer's groups already count: W_UK and W_UV (held as `absorbed`) applied per query."""
+        widths = self.shape.mla_widths
+        costs = widths.costs(tokens, max(context, 1))
+        per_query_up = widths.heads * tokens * widths.rank * (widths.nope + widths.v)
+        return max(min(costs.values()) - per_query_up, 0)
 
     def _moe(self, layout: Layout, device: str, layer: int, tokens: int) -> Counter:
         """The shared expert on the layer's device; routed experts wherever they live. On a GPU

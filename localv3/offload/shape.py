@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from localv3.config import ModelConfig
+from localv3.model.mla_cost import MLAWidths
 from localv3.formats.roles import weight_role
 from localv3.offload.quant import KV_CACHE_BYTES_PER_VALUE, TENSOR_ROLES, Quantization
 
@@ -106,6 +107,11 @@ class ModelShape:
             max_position_embeddings=config.max_position_embeddings,
             groups=tuple(groups),
         )
+
+    @property
+    def mla_widths(self) -> MLAWidths:
+        rope = self.qk_rope_head_dim
+        return MLAWidths(self.num_attention_heads, self.kv_lora_rank, self.qk_head_dim - rope, rope, self.v_head_dim)
 
     # ----- looking things up ----------------------------------------------------------
     @property
