@@ -35,18 +35,23 @@ def load(
     quantization: Quantization | None = None,
     cpu_threads: int | None = None,
     record_routing: bool = False,
+    cuda_graphs: bool = False,
 ) -> Engine:
     """model: a models.toml name, a pulled hub repo id, a model directory or a GGUF file.
 
     device: where the plan's GPU part goes (default: CUDA when there is one, else the CPU);
     dtype: the compute dtype (default bf16 on CUDA, fp32 on the CPU); hardware, policy and
     quantization: as `localv3 plan` takes them (default: this machine, detected; the
-    checkpoint's stored quantisation); cpu_threads: default physical cores (1 for tiny models).
+    checkpoint's stored quantisation); cpu_threads: default physical cores (1 for tiny models);
+    cuda_graphs: decode steps in CUDA graphs (native engine; with a CPU device the same static
+    step runs uncaptured).
     """
     engine = engine or ("llama.cpp" if Path(model).suffix.lower() == ".gguf" else "native")
     if engine not in ENGINE_NAMES:
         raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
     path = weights_path(str(model), engine)
+    if engine == "llama.cpp" and cuda_graphs:
+        raise EngineChoiceError("cuda_graphs is an option of the native engine; llama.cpp runs its own CUDA graphs")
     if engine == "llama.cpp":
         try:
             from localv3.engines.llama_cpp import load_gguf
@@ -66,4 +71,5 @@ def load(
         with_mtp=with_mtp,
         cpu_threads=cpu_threads,
         record_routing=record_routing,
+        cuda_graphs=cuda_graphs,
     )

@@ -75,15 +75,29 @@ def weights_path(model: str, engine: str) -> Path:
 
 
 def open_engine(
-    model: str, engine: str = "native", max_context: int | None = None, with_mtp: bool = True, threads: int | None = None
+    model: str,
+    engine: str = "native",
+    max_context: int | None = None,
+    with_mtp: bool = True,
+    threads: int | None = None,
+    cuda_graphs: bool = False,
 ) -> Engine:
     """The CLI's load: `localv3.load`, recording routing statistics (they feed the next plan);
-    `threads`: CPU threads to compute with (default: the engine's own choice)."""
+    `threads`: CPU threads to compute with (default: the engine's own choice); `cuda_graphs`:
+    as `localv3.load` takes it (the commands check for a CUDA device first)."""
     from localv3.api import load
     from localv3.offload.planner import PlanError
 
     try:
-        return load(model, engine=engine, max_context=max_context, with_mtp=with_mtp, cpu_threads=threads, record_routing=True)
+        return load(
+            model,
+            engine=engine,
+            max_context=max_context,
+            with_mtp=with_mtp,
+            cpu_threads=threads,
+            record_routing=True,
+            cuda_graphs=cuda_graphs,
+        )
     except PlanError as error:
         raise LocalV3Error(error.render({"context": "--ctx"}, _fix_when_loading)) from None
 

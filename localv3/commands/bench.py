@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from localv3.commands.json_output import rounded
+from localv3.commands.options import CudaGraphs, check_cuda_graphs
 from localv3.errors import LocalV3Error
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def _measure_load(
     n_threads: int | None,
     settings: BenchSettings,
     progress: Callable[[str], None],
+    cuda_graphs: bool = False,
 ) -> Iterator[BenchRecord]:
     """Load `model` on `engine` with `n_threads` CPU threads (None: the engine's default; both
     engines take their threads at load) and measure it, record by record; peak memory is this
@@ -116,7 +118,9 @@ def _measure_load(
     threads_note = f", {n_threads} threads" if n_threads else ""
     progress(f"loading {model} [{engine}{threads_note}]")
     max_context = max(settings.n_prompt, settings.n_gen + 1) + 2
-    loaded = open_engine(model, engine, max_context=max_context, with_mtp=settings.mtp, threads=n_threads)
+    loaded = open_engine(
+        model, engine, max_context=max_context, with_mtp=settings.mtp, threads=n_threads, cuda_graphs=cuda_graphs
+    )
     for record in bench_engine(loaded, model, weights, settings, progress):
         record.peak_rss_bytes, record.peak_vram_bytes = memory.rss_bytes(), memory.vram_bytes()
         yield record
@@ -188,6 +192,7 @@ def bench(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of records instead of the table.")
     ] = False,
+    cuda_graphs: CudaGraphs = False,
 ) -> None:
     """Measure prefill (ppP) and decode (tgN) speed, llama-bench style (Ctrl-C prints the rows measured so far)."""
     from localv3.measure import BenchError, BenchSettings, parse_thread_counts
@@ -197,6 +202,8 @@ def bench(
     if not n_prompt and not n_gen:
         raise BenchError("nothing to measure: -p and -n are both 0")
     engine_names = parse_engine_list(engines)
+    if cuda_graphs:
+        check_cuda_graphs(engine_names)
     thread_counts = parse_thread_counts(threads) if threads is not None else [None]  # None: the engine's default
     settings = BenchSettings(n_prompt, n_gen, repetitions, mtp, predict)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -209,7 +216,7 @@ def bench(
     try:
         for model, engine, info in jobs:
             for n_threads in thread_counts:
-                records.extend(_measure_load(model, engine, info, n_threads, settings, progress))
+                records.extend(_measure_load(model, engine, info, n_threads, settings, progress, cuda_graphs))
     except KeyboardInterrupt:
         if records:
             print_records(records, json_output)

@@ -24,6 +24,7 @@ from localv3.chat_session import (
 from localv3.commands.options import (
     DEFAULT_MODEL,
     Context,
+    CudaGraphs,
     EngineName,
     MaxTokens,
     ModelArgument,
@@ -33,6 +34,7 @@ from localv3.commands.options import (
     Temperature,
     TopK,
     TopP,
+    check_cuda_graphs,
     model_and_prompt,
     resolve_sampling,
     typed_text,
@@ -251,15 +253,18 @@ def chat(
     mtp: Mtp = None,
     ctx: Context = None,
     engine: EngineName = "native",
+    cuda_graphs: CudaGraphs = False,
 ) -> None:
     """Chat with a model in the terminal (/? lists the commands)."""
     from localv3.engine_choice import open_engine
 
     model, message = model_and_prompt("chat", model, typed_text(message, "MESSAGE"))
     system = typed_text(system, "--system")
+    if cuda_graphs:
+        check_cuda_graphs([engine])
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status(f"loading {model}"):
-        loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
+        loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False, cuda_graphs=cuda_graphs)
     if loaded.tokenizer is None:
         raise LocalV3Error(f"{model} has no tokenizer.json, so it cannot chat")
     if not loaded.tokenizer.chat_template:

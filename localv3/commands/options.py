@@ -52,6 +52,30 @@ Mtp = Annotated[
     typer.Option("--mtp/--no-mtp", help="Force MTP speculative decoding on or off (default: the engine decides)."),
 ]
 EngineName = Annotated[str, typer.Option("--engine", help="native (safetensors) or llama.cpp (GGUF).")]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graphs",
+        help="Capture each decode step's GPU work in CUDA graphs and replay it (native engine, CUDA"
+        " device; MTP then only with --mtp).",
+    ),
+]
+
+
+class CudaGraphsError(LocalV3Error):
+    pass
+
+
+def check_cuda_graphs(engines: list[str]) -> None:
+    """--cuda-graphs where it can capture: the native engine on a machine with a CUDA device.
+    Without one it is refused rather than run uncaptured: the flag asks for graphs, and a
+    benchmark or script that asked for them should not silently measure something else."""
+    import torch
+
+    if any(engine != "native" for engine in engines):
+        raise CudaGraphsError("--cuda-graphs is an option of the native engine (llama.cpp runs its own CUDA graphs)")
+    if not torch.cuda.is_available():
+        raise CudaGraphsError("--cuda-graphs needs a CUDA device, and torch sees none here")
 
 
 def resolve_sampling(

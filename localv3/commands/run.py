@@ -12,6 +12,7 @@ import typer
 from localv3.commands.options import (
     DEFAULT_MODEL,
     Context,
+    CudaGraphs,
     EngineName,
     MaxTokens,
     ModelArgument,
@@ -21,6 +22,7 @@ from localv3.commands.options import (
     Temperature,
     TopK,
     TopP,
+    check_cuda_graphs,
     model_and_prompt,
     resolve_sampling,
     typed_text,
@@ -124,6 +126,7 @@ def run(
     mtp: Mtp = None,
     ctx: Context = None,
     engine: EngineName = "native",
+    cuda_graphs: CudaGraphs = False,
 ) -> None:
     """Answer one prompt on stdout (stdin, when piped, is placed before PROMPT)."""
     from localv3.engine_choice import open_engine
@@ -134,9 +137,11 @@ def run(
     system = typed_text(system, "--system")
     if raw and system:
         raise PromptError("--system goes into the chat template, which --raw leaves out")
+    if cuda_graphs:
+        check_cuda_graphs([engine])
     text = read_prompt(prompt, piped_stdin(), model)
     started = time.perf_counter()
-    loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False)
+    loaded = open_engine(model, engine, max_context=ctx, with_mtp=mtp is not False, cuda_graphs=cuda_graphs)
     load_s = time.perf_counter() - started
     if loaded.tokenizer is None:
         raise PromptError(f"{model} has no tokenizer.json, so it cannot read text")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,24 +29,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class NativeSession:
-    """One sequence: a preallocated latent cache and the position reached."""
+    """One sequence: a preallocated latent cache and the position reached.
 
-    def __init__(self, model: Transformer, capacity: int, cache_devices: list[torch.device] | None = None):
+    `static_decoding` (a callable: cache -> a decoder with `step(token_id, position) -> (logits
+    [1, V], hidden [1, 1, D])`, localv3.offload.static_decode) makes `decode` take the
+    static-shape step; prefill and multi-token forwards (MTP verification) stay dynamic.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        capacity: int,
+        cache_devices: list[torch.device] | None = None,
+        static_decoding: Callable | None = None,
+    ):
         self.model = model
         self.capacity = capacity
         self.cache = model.new_cache(capacity, layer_devices=cache_devices)
         self.position = 0
         self.token_ids: list[int] = []  # the tokens in the cache, positions 0..position-1
         self.last_hidden: torch.Tensor | None = None  # [1, S, D] hidden states of the last forward
+        self.static = static_decoding(self.cache) if static_decoding is not None else None
+
+    def _check_vocabulary(self, token_ids: list[int]) -> None:
+        vocab = self.model.config.vocab_size
+        outside = [t for t in token_ids if not 0 <= t < vocab]
+        if outside:
+            raise LocalV3Error(f"token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int], logits_rows: int | None = None) -> torch.Tensor:
         """Run tokens at the current position -> logits [logits_rows or S, V] fp32 of the last
         positions; advances the position."""
-        vocab = self.model.config.vocab_size
-        outside = [t for t in token_ids if not 0 <= t < vocab]
-        if outside:
-            raise LocalV3Error(f"token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
+        self._check_vocabulary(token_ids)
         tokens = torch.tensor([token_ids], dtype=torch.long)  # [1, S] on the host: the model moves them
         logits, self.last_hidden = self.model(tokens, self.position, self.cache, logits_rows)
         self.position += len(token_ids)
@@ -66,7 +82,17 @@ class NativeSession:
         return logits[-1]
 
     def decode(self, token_id: int) -> torch.Tensor:
-        return self.forward([token_id], logits_rows=1)[-1]
+        if self.static is None:
+            return self.forward([token_id], logits_rows=1)[-1]
+        return self._static_decode(token_id)
+
+    @torch.inference_mode()
+    def _static_decode(self, token_id: int) -> torch.Tensor:
+        self._check_vocabulary([token_id])
+        logits, self.last_hidden = self.static.step(token_id, self.position)  # [1, V], [1, 1, D]
+        self.position += 1
+        self.token_ids.append(token_id)
+        return logits[-1]
 
     def rollback(self, n_tokens: int) -> None:
         """Forget the last n tokens (rejected drafts); their cache rows are overwritten later."""
@@ -92,6 +118,7 @@ class NativeEngine(Engine):
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.cache_devices = cache_devices  # each cache layer's device (None: all on the CPU)
+        self.static_decoding: Callable | None = None  # sessions' static decode step (NativeSession)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,7 +135,7 @@ class NativeEngine(Engine):
         return self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
 
     def new_session(self, capacity: int) -> NativeSession:
-        return NativeSession(self.model, capacity, self.cache_devices)
+        return NativeSession(self.model, capacity, self.cache_devices, self.static_decoding)
 
     def step_strategy(self, speculative: bool | None) -> StepStrategy:
         """MTP speculation by default when the model has an MTP layer, one draft per step.

@@ -82,6 +82,36 @@ class MLA(nn.Module):
         cache: LatentCache,
         cache_layer: int,
     ) -> torch.Tensor:
+        seq = x.shape[1]
+        q_nope, q_rope, latent, k_rope = self._project(x, rope)
+        latents, rope_keys = cache.write(cache_layer, start, latent, k_rope)  # [B, T, C], [B, T, rope]
+        total = latents.shape[1]
+        mask = _future_mask(seq, total, start, x.device)  # [S, T] or None
+        path = self.widths.cheaper_path(seq, total) if self.path == "auto" else self.path
+        attend = self._absorbed if path == "absorbed" else self._naive
+        return self.o_proj(attend(q_nope, q_rope, latents, rope_keys, mask))
+
+    def decode_at(
+        self,
+        x: torch.Tensor,  # [B, 1, D]
+        position: torch.Tensor,  # [1] int64, on x's device
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [1, 1, rope] of that position
+        cache: LatentCache,
+        cache_layer: int,
+        keys: int,
+    ) -> torch.Tensor:
+        """One decode step whose shapes and addresses do not depend on the position: the new
+        row is written at `position` (a tensor), and the absorbed attention runs over the
+        cache's first `keys` rows with those after `position` masked. Equals `forward` at
+        start=position, S=1 (tests/test_static_decode.py) -> [B, 1, D]."""
+        q_nope, q_rope, latent, k_rope = self._project(x, rope)
+        latents, rope_keys = cache.write_at(cache_layer, position, latent, k_rope, keys)  # [B, keys, *]
+        mask = keys_after(position, keys)  # [1, keys]
+        return self.o_proj(self._absorbed(q_nope, q_rope, latents, rope_keys, mask))
+
+    def _project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """x [B, S, D] -> (q_nope [B, S, H, nope], roped q_rope [B, S, H, rope], normed latent
+        [B, S, C], roped shared key [B, S, rope]): everything before the cache."""
         bsz, seq, _ = x.shape
         cos, sin = rope
         q = self._query(x).view(bsz, seq, self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, nope+rope]
@@ -89,13 +119,7 @@ class MLA(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, self.rope_interleaved)  # [B, S, H, rope]
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin, self.rope_interleaved).squeeze(2)  # [B, S, rope]
-        latent = self.kv_a_layernorm(latent)  # [B, S, C]
-        latents, rope_keys = cache.write(cache_layer, start, latent, k_rope)  # [B, T, C], [B, T, rope]
-        total = latents.shape[1]
-        mask = _future_mask(seq, total, start, x.device)  # [S, T] or None
-        path = self.widths.cheaper_path(seq, total) if self.path == "auto" else self.path
-        attend = self._absorbed if path == "absorbed" else self._naive
-        return self.o_proj(attend(q_nope, q_rope, latents, rope_keys, mask))
+        return q_nope, q_rope, self.kv_a_layernorm(latent), k_rope
 
     def _absorbed(self, q_nope, q_rope, latents, rope_keys, mask) -> torch.Tensor:
         """Attention over the latents themselves: q_nope through W_UK, the context through W_UV.
@@ -176,6 +200,12 @@ def _future_mask(seq: int, total: int, start: int, device: torch.device) -> torc
     query_pos = torch.arange(start, start + seq, device=device)[:, None]
     key_pos = torch.arange(total, device=device)[None, :]
     return key_pos > query_pos
+
+
+def keys_after(position: torch.Tensor, keys: int) -> torch.Tensor:
+    """Boolean [1, keys], true where a key lies after the query at `position` ([1] int64), built
+    on the position's device without reading it on the host."""
+    return (torch.arange(keys, device=position.device) > position)[None, :]
 
 
 def _attention_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

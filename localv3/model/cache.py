@@ -48,3 +48,13 @@ class LatentCache:
         self.rope_key[layer].narrow(1, start, rows).copy_(rope_key)
         return self.latent[layer].narrow(1, 0, end), self.rope_key[layer].narrow(1, 0, end)
 
+    def write_at(
+        self, layer: int, position: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor, keys: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one row [B, 1, *] at `position` ([1] int64 on the layer's device: never read on
+        the host, so the call has the same shapes and addresses at every position); return the
+        views of the first `keys` rows [B, keys, *]. The caller keeps position < keys <= max_tokens."""
+        self.latent[layer].index_copy_(1, position, latent)
+        self.rope_key[layer].index_copy_(1, position, rope_key)
+        return self.latent[layer].narrow(1, 0, keys), self.rope_key[layer].narrow(1, 0, keys)
+

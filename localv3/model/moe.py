@@ -100,6 +100,16 @@ class DenseExpertBank(nn.Module):
         gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down[expert])
 
+    def gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward` for one token without a host sync (so it can be captured in a CUDA graph):
+        x [1, D], indices/weights [1, k] -> [1, D]. The k chosen experts' matrices are gathered,
+        a copy of each per call: cheap at batch 1 beside a host sync, not for prefill."""
+        chosen = indices[0]  # [k]
+        rows = x.expand(chosen.shape[0], -1).unsqueeze(2)  # [k, D, 1]
+        gate, up = torch.bmm(self.gate_up[chosen], rows).chunk(2, dim=1)  # [k, I, 1] each
+        outputs = torch.bmm(self.down[chosen], F.silu(gate) * up).squeeze(2)  # [k, D]
+        return weights.to(x.dtype) @ outputs  # [1, D]
+
 
 def run_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, expert_forward) -> torch.Tensor:
     """Group tokens by expert, run each chosen expert once on its tokens, sum weighted outputs.

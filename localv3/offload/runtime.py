@@ -68,6 +68,7 @@ from localv3.offload.hardware import Hardware, detect_hardware
 from localv3.offload.layout import CPU, DISK, GPU, Layout
 from localv3.offload.planner import Plan, Policy, plan
 from localv3.offload.quant import Quantization
+from localv3.offload.static_decode import StaticDecoding
 from localv3.offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
 from localv3.offload.shape import ModelShape
 
@@ -335,11 +336,15 @@ class PlannedEngine(NativeEngine):
         layers = f"{layout.layer_devices.count(GPU)}/{len(layout.layer_devices)} layers on gpu"
         experts = ", ".join(f"{n} {d}" for d in (GPU, CPU, DISK) if (n := layout.count_experts(d)))
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"planned ({gpu}): {layers}; experts {experts or 'none'} ({quant.experts}); dense {quant.dense}; {dtype}"
+        static = f"; {self.static_decoding.describe()}" if self.static_decoding else ""
+        return f"planned ({gpu}): {layers}; experts {experts or 'none'} ({quant.experts}); dense {quant.dense}; {dtype}{static}"
 
     def step_strategy(self, speculative: bool | None):
         """MTP speculation by default only where the plan predicts it pays:
-        with experts in RAM, each verified draft reads more experts per step."""
+        with experts in RAM, each verified draft reads more experts per step; never by default with
+        static decoding, which MTP verification (several tokens a step) would bypass."""
+        if speculative is None and self.static_decoding is not None:
+            speculative = False
         if speculative is None:
             predicted = self.plan.predicted
             speculative = bool(predicted.mtp_decode_tok_s and predicted.mtp_decode_tok_s > predicted.decode_tok_s)
@@ -396,13 +401,15 @@ def load_planned(
     with_mtp: bool = True,
     cpu_threads: int | None = None,
     record_routing: bool = False,
+    cuda_graphs: bool = False,
 ) -> PlannedEngine:
     """Plan `model` for `hardware` (default: this machine, detected) and build it.
 
     `quantization` defaults to what the checkpoint stores (`localv3 quantize` makes smaller
     ones). The model's saved routing profile feeds the plan unless `policy` brings one; CPU
     threads default to default_cpu_threads(config); the compute dtype defaults to bf16 when the
-    first layer runs on CUDA, else fp32.
+    first layer runs on CUDA, else fp32. `cuda_graphs`: decode steps take the static-shape path,
+    captured in CUDA graphs on a CUDA device, run eagerly on the CPU (localv3.offload.static_decode).
     """
     if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
         raise LocalV3Error(f"max_context must be a whole number of tokens >= 1, not {context!r}")
@@ -433,7 +440,10 @@ def load_planned(
         routing = RoutingStats.resume(model_dir, config.n_routed_experts)
         routing.attach(transformer)
     tokenizer = _tokenizer(model_dir, gguf)
-    return PlannedEngine(model_dir, config, transformer, tokenizer, context, result, gpu, routing)
+    engine = PlannedEngine(model_dir, config, transformer, tokenizer, context, result, gpu, routing)
+    if cuda_graphs:
+        engine.static_decoding = StaticDecoding.planned(transformer, result.layout, gpu)
+    return engine
 
 
 def _tokenizer(model_dir: Path, gguf: GgufSource | None) -> Tokenizer | None:
