@@ -11,6 +11,11 @@ writer, shards of ~1 GiB):
    every routed expert kept in RAM (Policy.cpu_moe): attention, dense FFN, shared experts, norms,
    router, embeddings and lm_head on the GPU, routed experts computed by the CPU; bf16.
 3. `gpu`: everything on the GPU (routed experts too), bf16, when the planner says it fits.
+Then, on the `hybrid` engine, its decode steps with CUDA graphs (localv3.offload.static_decode;
+its CPU-device form with --device cpu): a session prefilled as the timed one, two untimed steps
+(the capture), then the same greedy decode timed; and its logits step by step against the same
+engine's dynamic decode fed the same tokens (relative RMS, top-1, max |difference|: both bf16,
+summed in other orders, so only roughly equal; PASS needs finite logits and top-1 >= --min-top1).
 Each planned layout is checked before building. For 2 and 3: the logits of a 32-token prompt
 against the reference (relative RMS error, top-1 agreement, finite), then prefill (128 tokens)
 and greedy decode (32 tokens) speed through the engine's session API, with
@@ -453,6 +458,49 @@ def measure_speed(engine, prefill_ids: list[int], decode_steps: int, sync: Calla
     return Speed(len(prefill_ids), prefill_s, decode_steps, decode_s)
 
 
+@dataclass(frozen=True)
+class GraphsCheck:
+    """The hybrid decode with CUDA graphs: its speed, and its logits against the dynamic decode."""
+
+    decode_tokens: int
+    decode_s: float
+    agreement: Agreement  # over the compared decode steps
+    buckets: list[int]  # capacity buckets captured in the timed session
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s
+
+
+def check_graphs(engine, prefill_ids: list[int], decode_steps: int, sync: Callable[[], None]) -> GraphsCheck:
+    """Turn the engine's static decode on; time `decode_steps` steps after two untimed ones (the
+    capture), then compare its logits with the dynamic decode's at every step."""
+    import torch
+
+    from localv3.engines.native import NativeSession
+    from localv3.offload.static_decode import StaticDecoding
+
+    engine.static_decoding = StaticDecoding.planned(engine.model, engine.plan.layout, engine.gpu_device)
+    capacity = len(prefill_ids) + decode_steps + 3
+    session = engine.new_session(capacity)
+    logits = session.prefill(prefill_ids)
+    token = int(logits.argmax())
+    for _ in range(2):
+        token = int(session.decode(token).argmax())
+    _, decode_s = timed(lambda: greedy_decode(session, session.decode(token), decode_steps - 1), sync)
+    static, dynamic = engine.new_session(capacity), NativeSession(engine.model, capacity, engine.cache_devices)
+    token = int(static.prefill(prefill_ids).argmax())
+    dynamic.prefill(prefill_ids)
+    ours, theirs = [], []
+    for _ in range(decode_steps):
+        ours.append(static.decode(token).float().cpu())
+        theirs.append(dynamic.decode(token).float().cpu())
+        token = int(theirs[-1].argmax())
+    engine.static_decoding = None
+    compared = agreement(torch.stack(ours), torch.stack(theirs))
+    return GraphsCheck(decode_steps, decode_s, compared, session.static.player.buckets)
+
+
 @dataclass
 class Result:
     name: str
@@ -465,6 +513,7 @@ class Result:
     logits_s: float | None = None
     agreement: Agreement | None = None
     speed: Speed | None = None
+    graphs: GraphsCheck | None = None
     peak_gpu_gib: float | None = None
     note: str = ""
 
@@ -472,6 +521,8 @@ class Result:
         data = asdict(self)
         if self.speed:
             data["speed"].update(prefill_tok_s=self.speed.prefill_tok_s, decode_tok_s=self.speed.decode_tok_s)
+        if self.graphs:
+            data["graphs"].update(decode_tok_s=self.graphs.decode_tok_s)
         return data
 
 
@@ -499,6 +550,10 @@ def run_variant(variant: Variant, model_dir: Path, prompt: list[int], prefill_id
             log(f"{variant.name}: {result.agreement}")
         with phase(f"{variant.name}: prefill {len(prefill_ids)} + decode {decode_steps}", clock.limit("speed")):
             result.speed = measure_speed(engine, prefill_ids, decode_steps, gpu.synchronize)
+        if variant.name == HYBRID:
+            with phase(f"{variant.name}: decode {decode_steps} with CUDA graphs, then against eager", clock.limit("speed")):
+                result.graphs = check_graphs(engine, prefill_ids, decode_steps, gpu.synchronize)
+            log(f"{variant.name}: graphs {result.graphs.decode_tok_s:.2f} tok/s; {result.graphs.agreement}")
         if gpu.is_cuda and variant.device != "cpu":
             import torch
 
@@ -559,6 +614,9 @@ def failures(results: list[Result], min_top1: float) -> list[str]:
                 found.append(f"{r.name}: logits not finite")
             if r.agreement.top1 < min_top1:
                 found.append(f"{r.name}: top-1 agreement {r.agreement.top1:.1%} < {min_top1:.0%}")
+        if r.status == "ok" and r.graphs is not None:
+            if not r.graphs.agreement.finite or r.graphs.agreement.top1 < min_top1:
+                found.append(f"{r.name}: CUDA-graph decode against eager: {r.graphs.agreement}")
     return found
 
 
@@ -580,6 +638,13 @@ def table(results: list[Result]) -> str:
             f"{fmt(a and a.rel_rms, '.4f'):>8} {fmt(a and a.top1, '.0%'):>6} {fmt(r.peak_gpu_gib, '.2f'):>9}"
         )
     rows += [f"  {r.name}: {r.placement or r.note}" for r in results if r.placement or r.note]
+    for r in results:
+        if r.graphs is not None:
+            g, a = r.graphs, r.graphs.agreement
+            rows.append(
+                f"  {r.name} decode with CUDA graphs: {g.decode_tok_s:.2f} tok/s (eager {fmt(r.speed and r.speed.decode_tok_s, '.2f')});"
+                f" against eager decode: rel RMS {a.rel_rms:.4f}, top-1 {a.top1:.0%}, max |diff| {a.max_abs:.3g}; buckets {g.buckets}"
+            )
     return "\n".join(rows)
 
 
