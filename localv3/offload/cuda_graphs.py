@@ -3,9 +3,10 @@ CUDA segment captured once per capacity bucket (`keys`) in a torch.cuda.CUDAGrap
 
 Capture: the first step in a bucket runs the whole program eagerly on a side stream (the
 warm-up, which also computes that step: segments are idempotent over their static buffers),
-then each CUDA segment is captured in order, all buckets' graphs sharing one memory pool. Only
-static buffers cross segments, so a graph's own intermediates may share pool memory with any
-other graph's: graphs never run concurrently (one stream). Host segments and host calls are
+then each CUDA segment is captured in order into one memory pool, which every bucket and every
+session of an engine shares (`GraphPool`). Only static buffers cross segments, so a graph's own
+intermediates may share pool memory with any other graph's: graphs never run concurrently (one
+stream, one engine thread). Host segments and host calls are
 never captured. Between them: a host call waits for the event recorded after the segment it
 reads (so the next segment, the shared expert, runs on the GPU meanwhile); a host segment
 waits for everything queued before it.
@@ -18,14 +19,26 @@ import torch
 from localv3.offload.decode_segments import DecodeProgram, HostCall, Segment
 
 
+class GraphPool:
+    """One CUDA graph memory pool, made when the first graph is captured."""
+
+    def __init__(self):
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
 class SegmentPlayer:
-    def __init__(self, program: DecodeProgram, capture: bool):
+    def __init__(self, program: DecodeProgram, capture: bool, pool: GraphPool):
         self.items = program.items
         cuda = [item for item in self.items if isinstance(item, Segment) and item.device.type == "cuda"]
         self.capture = capture and bool(cuda)
         self.events = {id(segment): torch.cuda.Event() for segment in cuda}
         self.graphs: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}  # keys -> segment id -> graph
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool = pool
 
     @property
     def buckets(self) -> list[int]:
@@ -69,7 +82,7 @@ class SegmentPlayer:
         for item in self.items:
             if isinstance(item, Segment) and item.device.type == "cuda":
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool.handle()):
                     item.run(keys)
                 graphs[id(item)] = graph
         self.graphs[keys] = graphs

@@ -7,14 +7,14 @@ capacity bucket of the cache: the smallest power of two >= the tokens it holds (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from localv3.errors import ContextFullError
 from localv3.model.cache import LatentCache
 from localv3.model.transformer import Transformer
-from localv3.offload.cuda_graphs import SegmentPlayer
+from localv3.offload.cuda_graphs import GraphPool, SegmentPlayer
 from localv3.offload.decode_segments import StepPlacement, build_program, notify_routing
 from localv3.offload.layout import CPU, DISK, GPU, Layout
 
@@ -35,6 +35,7 @@ class StaticDecoding:
     placement: StepPlacement
     capture: bool
     min_keys: int = MIN_KEYS
+    pool: GraphPool = field(default_factory=GraphPool)  # shared by every session's graphs
 
     @classmethod
     def planned(cls, model: Transformer, layout: Layout, gpu: torch.device) -> StaticDecoding:
@@ -59,7 +60,7 @@ class StaticDecoder:
         self.cache = cache
         self.min_keys = decoding.min_keys
         self.program = build_program(decoding.model, cache, decoding.placement)
-        self.player = SegmentPlayer(self.program, decoding.capture)
+        self.player = SegmentPlayer(self.program, decoding.capture, decoding.pool)
 
     def step(self, token_id: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The token at `position` -> (logits [1, V] fp32, final-normed hidden [1, 1, D]), copies
