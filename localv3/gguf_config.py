@@ -10,6 +10,11 @@ from localv3.errors import LocalV3Error
 
 ARCH = "deepseek2"
 GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
+# metadata without which the model's shape is unknown (`{ARCH}.` before each)
+REQUIRED_KEYS = (
+    "embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+    "attention.kv_lora_rank", "rope.dimension_count", "attention.key_length", "attention.value_length",
+)  # fmt: skip
 
 
 class GgufError(LocalV3Error):
@@ -29,6 +34,9 @@ def config_from_gguf(metadata: dict[str, str], source: str) -> ModelConfig:
         return value == "true" if cast is bool else cast(value)
 
     rope_dim = get("rope.dimension_count")
+    missing = [f"{ARCH}.{key}" for key in REQUIRED_KEYS if get(key) is None]
+    if missing:
+        raise GgufError(f"{source}: GGUF metadata lacks {', '.join(missing)}")
     raw = {
         "model_type": "deepseek_v3",
         "vocab_size": get("vocab_size"),

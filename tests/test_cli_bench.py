@@ -321,9 +321,9 @@ def test_llama_cpp_engine_without_llama_cpp_python_is_skipped(monkeypatch, chat_
     assert alone.exit_code == 1 and "llama-cpp-python: pip install 'localv3[llama]'" in str(alone.exception)
 
 
-def test_native_engine_refuses_a_gguf_file(tmp_path):
+def test_native_engine_refuses_a_gguf_without_the_model_s_metadata(tmp_path):
     result = bench(str(write_gguf(tmp_path / "m.gguf")), *SMALL)
-    assert result.exit_code == 1 and "use --engine llama.cpp" in str(result.exception)
+    assert result.exit_code == 1 and "GGUF metadata lacks deepseek2.embedding_length" in str(result.exception)
 
 
 @pytest.mark.parametrize(
