@@ -12,6 +12,7 @@ rows are (re)written for every accepted position before drafting from it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from localv3.sampling import SamplingSettings, sample, token_probabilities
 
 
 class ExpertReadCounter:
-    """Distinct routed experts read per step, summed over MoE layers (via MoE.routing_observer).
+    """Distinct routed experts read per step, summed over MoE layers (via MoE.routing_observers).
 
     A step's reads are the union over its forwards, per layer: an expert chosen by several of
     the step's tokens is read once. Observations are kept raw and reduced in `per_step`.
@@ -33,14 +34,19 @@ class ExpertReadCounter:
         self.layers = [m for m in model.modules() if isinstance(m, MoE)]
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.steps: list[list[tuple[int, torch.Tensor]]] = []
+        self._observers = [functools.partial(self._observe, i) for i in range(len(self.layers))]
+
+    def _observe(self, layer: int, indices: torch.Tensor) -> None:
+        self.pending.append((layer, indices))
 
     def attach(self) -> None:
-        for i, moe in enumerate(self.layers):
-            moe.routing_observer = lambda indices, i=i: self.pending.append((i, indices))
+        for moe, observer in zip(self.layers, self._observers):
+            moe.routing_observers.append(observer)
 
     def detach(self) -> None:
-        for moe in self.layers:
-            moe.routing_observer = None
+        for moe, observer in zip(self.layers, self._observers):
+            if observer in moe.routing_observers:
+                moe.routing_observers.remove(observer)
 
     def discard(self) -> None:
         self.pending = []

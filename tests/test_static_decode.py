@@ -156,7 +156,7 @@ def test_rollback_then_continuing_still_matches(model_dir, layout):
 
 
 def test_routing_statistics_see_the_static_steps(model_dir):
-    """The split routers run without hooks; their choices still reach the routing statistics."""
+    """The split MoE layers tell their routing observers after the step: the statistics still see every choice."""
     engine = engine_for(model_dir, "hybrid", record_routing=True)
     counts = []
     for session in sessions(engine):

@@ -139,14 +139,14 @@ class MoE(nn.Module):
         self.shared_experts = (
             FeedForward(config.hidden_size, config.shared_intermediate_size) if config.n_shared_experts else None
         )
-        self.routing_observer = None  # optional callable(indices [T, k]) for routing statistics
+        self.routing_observers: list = []  # callables(indices [T, k]): routing statistics, expert reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, D]
         indices, weights = self.gate(flat)
-        if self.routing_observer is not None:
-            self.routing_observer(indices)
+        for observe in self.routing_observers:
+            observe(indices)
         routed = self.experts(flat, indices, weights)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)

@@ -22,8 +22,9 @@ A MoE layer on the plan's GPU with experts in host memory is split in three:
 Dense layers and MoE layers without such banks are one stretch of their segment. A layer the
 plan puts on the host runs eagerly in a host segment, through its own modules.
 
-The routers of the split path run without their forward hooks (a hook may sync: bincount);
-`notify_routing` calls them after the step on the routing the static buffers hold.
+The split path's MoE layers do not call their routing observers inside a segment (one may
+sync: bincount); `notify_routing` calls them after the step on the routing the static buffers
+hold.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class HostCall:
 
 @dataclass
 class RoutedLayer:
-    """A MoE layer whose router ran without hooks: what `notify_routing` hands them."""
+    """A split MoE layer's router outputs, which `notify_routing` hands its observers after the step."""
 
     moe: MoE
     x: torch.Tensor  # [1, D]
@@ -268,7 +269,7 @@ def _residual_mlp(block: DecoderBlock, h: torch.Tensor) -> torch.Tensor:
 def _route(block: DecoderBlock, routed: RoutedLayer, h: torch.Tensor):
     """Post-attention norm and router, kept in `routed` -> (x [1, D], indices [1, k], weights [1, k])."""
     x = block.post_attention_layernorm(h).view(1, -1)  # [1, D]
-    indices, weights = block.mlp.gate.forward(x)  # no hooks: see notify_routing
+    indices, weights = block.mlp.gate(x)  # observers are told after the step: notify_routing
     routed.x.copy_(x)
     routed.indices.copy_(indices)
     routed.weights.copy_(weights)
@@ -364,12 +365,8 @@ def build_program(model: Transformer, cache: LatentCache, placement: StepPlaceme
 
 
 def notify_routing(program: DecodeProgram) -> None:
-    """Hand each hook-less router's choice of this step to what observes it (MoE.routing_observer,
-    the router's forward hooks: routing statistics), outside any captured segment. torch has no
-    public call for a module's forward hooks, so they are read from `_forward_hooks`."""
+    """Hand each split MoE layer's choice of this step to its routing observers (routing
+    statistics, expert reads), outside any captured segment."""
     for routed in program.routed:
-        if routed.moe.routing_observer is not None:
-            routed.moe.routing_observer(routed.indices.clone())
-        router = routed.moe.gate
-        for hook in list(router._forward_hooks.values()):
-            hook(router, (routed.x,), (routed.indices.clone(), routed.weights.clone()))
+        for observe in routed.moe.routing_observers:
+            observe(routed.indices.clone())

@@ -43,9 +43,11 @@ class RoutingProfileError(LocalV3Error):
 
 def moe_layers(model: Transformer) -> Iterator[tuple[int, MoE]]:
     """(layer index as the checkpoint numbers it, MoE module) for the main and the MTP layers."""
+    from localv3.model.moe import MoE  # torch; this module is read by the planner too
+
     blocks = list(model.model.layers) + [head.block for head in model.mtp]
     for layer, block in enumerate(blocks):
-        if hasattr(block.mlp, "routing_observer"):  # MoE, not a dense FFN
+        if isinstance(block.mlp, MoE):
             yield layer, block.mlp
 
 
@@ -61,13 +63,9 @@ class RoutingStats:
         self.counts[layer] = self.counts[layer] + chosen if layer in self.counts else chosen
 
     def attach(self, model: Transformer) -> None:
-        """Observe every router. A forward hook, not `MoE.routing_observer`: that one slot is taken
-        (and cleared) by MTP speculation's expert-read counter during generation."""
+        """Observe every router's choices."""
         for layer, moe in moe_layers(model):
-            moe.gate.register_forward_hook(functools.partial(self._routed, layer))
-
-    def _routed(self, layer: int, router, inputs, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.record(layer, output[0])  # the router's (indices [T, k], weights [T, k])
+            moe.routing_observers.append(functools.partial(self.record, layer))
 
     def profile(self) -> dict[int, list[int]]:
         """{MoE layer: tokens routed to each expert}, earlier runs included."""
