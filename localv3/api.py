@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from localv3.engine_choice import ENGINE_NAMES, EngineChoiceError, weights_path
+from localv3.engine_choice import ENGINE_NAMES, EngineChoiceError, default_engine, weights_path
 
 if TYPE_CHECKING:
     from localv3.engines.base import Engine
@@ -46,7 +46,7 @@ def load(
     cuda_graphs: decode steps in CUDA graphs (native engine; with a CPU device the same static
     step runs uncaptured).
     """
-    engine = engine or ("llama.cpp" if Path(model).suffix.lower() == ".gguf" else "native")
+    engine = engine or default_engine(model)
     if engine not in ENGINE_NAMES:
         raise EngineChoiceError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_NAMES)}")
     path = weights_path(str(model), engine)

@@ -60,6 +60,11 @@ def find_gguf(model: str) -> Path:
     raise EngineChoiceError(f"{model_dir} holds several GGUF files ({names}); pass the one to use as MODEL")
 
 
+def default_engine(model: str | Path) -> str:
+    """The engine a model gets when none is named: llama.cpp for a GGUF file, else native."""
+    return "llama.cpp" if Path(model).suffix.lower() == ".gguf" else "native"
+
+
 def weights_path(model: str, engine: str) -> Path:
     """The files `engine` would load for `model`: a GGUF file (llama.cpp), or a checkpoint
     directory or GGUF file (native)."""
@@ -76,13 +81,14 @@ def weights_path(model: str, engine: str) -> Path:
 
 def open_engine(
     model: str,
-    engine: str = "native",
+    engine: str | None = None,
     max_context: int | None = None,
     with_mtp: bool = True,
     threads: int | None = None,
     cuda_graphs: bool = False,
 ) -> Engine:
     """The CLI's load: `localv3.load`, recording routing statistics (they feed the next plan);
+    `engine`: None picks `default_engine`;
     `threads`: CPU threads to compute with (default: the engine's own choice); `cuda_graphs`:
     as `localv3.load` takes it (the commands check for a CUDA device first)."""
     from localv3.api import load

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cli import app
 from localv3.measure import BenchError, BenchRecord, BenchSettings, PeakMemory, fit_to_context, weights_info
 from localv3.commands.bench import markdown_table
+from localv3.engine_choice import default_engine
 from localv3.commands.json_output import rounded
 from localv3.errors import LocalV3Error
 
@@ -271,6 +272,27 @@ def test_llama_cpp_engine_uses_the_models_gguf(monkeypatch, chat_model_dir, tmp_
     }
 
 
+def test_each_model_gets_its_default_engine_when_none_is_named(monkeypatch, chat_model_dir, tmp_path):
+    """A .gguf file goes to llama.cpp and a checkpoint to the native engine, as localv3.load
+    picks them; --engine names one for all."""
+    gguf_file = write_gguf(tmp_path / "model-Q8_0.gguf")
+    scripted = ScriptedEngine(chat_model_dir, ["x", "y"] * 4)
+    opened = []
+
+    def open_engine(model, engine, **kwargs):
+        opened.append((model, engine))
+        return scripted
+
+    monkeypatch.setattr("localv3.engine_choice.open_engine", open_engine)
+    monkeypatch.setattr("localv3.commands.extras.require_llama_cpp", lambda what: None)
+    assert bench(str(gguf_file), str(chat_model_dir), *SMALL, "--json").exit_code == 0
+    assert opened == [(str(gguf_file), "llama.cpp"), (str(chat_model_dir), "native")]
+    assert [default_engine(m) for m, _ in opened] == [e for _, e in opened]
+    opened.clear()
+    assert bench(str(gguf_file), *SMALL, "--engine", "native", "--json").exit_code == 0
+    assert opened == [(str(gguf_file), "native")]
+
+
 def test_native_and_llama_cpp_side_by_side(chat_model_with_gguf):
     result = bench(str(chat_model_with_gguf), "-p", "8", "-n", "4", "-r", "1", "--engine", "native,llama.cpp", "--json")
     assert result.exit_code == 0, result.output
@@ -322,7 +344,7 @@ def test_llama_cpp_engine_without_llama_cpp_python_is_skipped(monkeypatch, chat_
 
 
 def test_native_engine_refuses_a_gguf_without_the_model_s_metadata(tmp_path):
-    result = bench(str(write_gguf(tmp_path / "m.gguf")), *SMALL)
+    result = bench(str(write_gguf(tmp_path / "m.gguf")), *SMALL, "--engine", "native")
     assert result.exit_code == 1 and "GGUF metadata lacks deepseek2.embedding_length" in str(result.exception)
 
 

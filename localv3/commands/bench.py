@@ -129,24 +129,25 @@ def _measure_load(
 
 
 def runnable_jobs(
-    models: list[str], engines: list[str], say: Callable[[str], None]
+    models: list[str], engines: list[str] | None, say: Callable[[str], None]
 ) -> list[tuple[str, str, WeightsInfo]]:
-    """(model, engine, weights) for every pair that can be measured, found before minutes of
-    measuring; a pair that cannot (no GGUF, llama-cpp-python missing) is skipped with its
-    reason, and when none can, the reasons are the error."""
+    """(model, engine, weights) for every pair that can be measured (engines None: each model's
+    default engine), found before minutes of measuring; a pair that cannot (no GGUF,
+    llama-cpp-python missing) is skipped with its reason, and when none can, the reasons are the
+    error."""
     from localv3.measure import BenchError, weights_info
     from localv3.commands.extras import require_llama_cpp
-    from localv3.engine_choice import weights_path
+    from localv3.engine_choice import default_engine, weights_path
 
+    pairs = [(model, engine) for model in models for engine in (engines or [default_engine(model)])]
     jobs, reasons = [], []
-    for model in models:
-        for engine in engines:
-            try:
-                if engine == "llama.cpp":
-                    require_llama_cpp("the llama.cpp engine")
-                jobs.append((model, engine, weights_info(weights_path(model, engine))))
-            except LocalV3Error as exc:
-                reasons.append(f"{model} [{engine}]: {exc}" if len(models) * len(engines) > 1 else str(exc))
+    for model, engine in pairs:
+        try:
+            if engine == "llama.cpp":
+                require_llama_cpp("the llama.cpp engine")
+            jobs.append((model, engine, weights_info(weights_path(model, engine))))
+        except LocalV3Error as exc:
+            reasons.append(f"{model} [{engine}]: {exc}" if len(pairs) > 1 else str(exc))
     if not jobs:
         raise BenchError("; ".join(reasons))
     for reason in reasons:
@@ -174,7 +175,14 @@ def bench(
         int, typer.Option("--n-gen", "-n", min=0, help="Generated tokens of the tg test; 0 skips it.")
     ] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Repetitions of each test.")] = 5,
-    engines: Annotated[str, typer.Option("--engine", help="Comma-separated engines: native, llama.cpp.")] = "native",
+    engines: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="Comma-separated engines: native, llama.cpp (default: llama.cpp for a .gguf file, else native).",
+            show_default=False,
+        ),
+    ] = None,
     threads: Annotated[
         str | None,
         typer.Option(
@@ -197,13 +205,14 @@ def bench(
     """Measure prefill (ppP) and decode (tgN) speed, llama-bench style (Ctrl-C prints the rows measured so far)."""
     from localv3.measure import BenchError, BenchSettings, parse_thread_counts
     from localv3.commands.options import DEFAULT_MODEL
-    from localv3.engine_choice import parse_engine_list
+    from localv3.engine_choice import default_engine, parse_engine_list
 
     if not n_prompt and not n_gen:
         raise BenchError("nothing to measure: -p and -n are both 0")
-    engine_names = parse_engine_list(engines)
+    models = models or [DEFAULT_MODEL]
+    engine_names = parse_engine_list(engines) if engines is not None else None
     if cuda_graphs:
-        check_cuda_graphs(engine_names)
+        check_cuda_graphs(engine_names or [default_engine(model) for model in models])
     thread_counts = parse_thread_counts(threads) if threads is not None else [None]  # None: the engine's default
     settings = BenchSettings(n_prompt, n_gen, repetitions, mtp, predict)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -211,7 +220,7 @@ def bench(
     def progress(message: str) -> None:
         err.print(Text(message, style="dim"))
 
-    jobs = runnable_jobs(models or [DEFAULT_MODEL], engine_names, lambda line: err.print(Text(line)))
+    jobs = runnable_jobs(models, engine_names, lambda line: err.print(Text(line)))
     records = []
     try:
         for model, engine, info in jobs:

@@ -252,14 +252,15 @@ def chat(
     max_tokens: MaxTokens = None,
     mtp: Mtp = None,
     ctx: Context = None,
-    engine: EngineName = "native",
+    engine: EngineName = None,
     cuda_graphs: CudaGraphs = False,
 ) -> None:
     """Chat with a model in the terminal (/? lists the commands)."""
-    from localv3.engine_choice import open_engine
+    from localv3.engine_choice import default_engine, open_engine
 
     model, message = model_and_prompt("chat", model, typed_text(message, "MESSAGE"))
     system = typed_text(system, "--system")
+    engine = engine or default_engine(model)
     if cuda_graphs:
         check_cuda_graphs([engine])
     err = Console(stderr=True, highlight=False, soft_wrap=True)

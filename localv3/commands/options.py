@@ -51,7 +51,10 @@ Mtp = Annotated[
     bool | None,
     typer.Option("--mtp/--no-mtp", help="Force MTP speculative decoding on or off (default: the engine decides)."),
 ]
-EngineName = Annotated[str, typer.Option("--engine", help="native (safetensors) or llama.cpp (GGUF).")]
+EngineName = Annotated[
+    str | None,
+    typer.Option("--engine", help="native or llama.cpp (default: llama.cpp for a .gguf file, else native)."),
+]
 CudaGraphs = Annotated[
     bool,
     typer.Option(

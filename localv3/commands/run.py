@@ -125,11 +125,11 @@ def run(
     ] = False,
     mtp: Mtp = None,
     ctx: Context = None,
-    engine: EngineName = "native",
+    engine: EngineName = None,
     cuda_graphs: CudaGraphs = False,
 ) -> None:
     """Answer one prompt on stdout (stdin, when piped, is placed before PROMPT)."""
-    from localv3.engine_choice import open_engine
+    from localv3.engine_choice import default_engine, open_engine
     from localv3.generate import final_stats
     from localv3.render import mtp_acceptance, verbose_lines
 
@@ -137,6 +137,7 @@ def run(
     system = typed_text(system, "--system")
     if raw and system:
         raise PromptError("--system goes into the chat template, which --raw leaves out")
+    engine = engine or default_engine(model)
     if cuda_graphs:
         check_cuda_graphs([engine])
     text = read_prompt(prompt, piped_stdin(), model)

@@ -38,14 +38,15 @@ def serve(
         ),
     ] = None,
     mtp: Mtp = None,
-    engine: EngineName = "native",
+    engine: EngineName = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log every request on stderr.")] = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from localv3.engine_choice import weights_path
+    from localv3.engine_choice import default_engine, weights_path
     from localv3.serve.app import AppSettings
     from localv3.serve.server import Service, ServerSettings
 
+    engine = engine or default_engine(model)
     weights_path(model, engine)  # an unknown model fails here, before anything listens
     name = served_name or model
     settings = ServerSettings(host=host, port=port, app=AppSettings(served_name=name, api_key=api_key), access_log=verbose)
