@@ -158,8 +158,11 @@ class MLA(nn.Module):
         keys = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, H, T, nope+rope]
         queries = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, nope+rope]
         allowed = None if mask is None else ~mask  # [S, T]: true where a query may see a key
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, scale=self.softmax_scale)
-        return out.transpose(1, 2).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
+        # values padded with zero columns to the keys' depth: the fused kernels want one head
+        # size (the math fallback holds every score, and took twice the time at 256 tokens)
+        padded = F.pad(values, (0, keys.shape[-1] - self.v_dim))  # [B, H, T, nope+rope]
+        out = F.scaled_dot_product_attention(queries, keys, padded, attn_mask=allowed, scale=self.softmax_scale)
+        return out[..., : self.v_dim].transpose(1, 2).reshape(bsz, seq, heads * self.v_dim)  # [B, S, H*v]
 
 
 class HeadProjection(nn.Module):
