@@ -361,14 +361,29 @@ def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_m
     assert stated.kernels.read_fraction == {"q4": 0.65, "q8": 0.7}
 
 
+def test_prefill_rates_are_interpolated_between_the_two_measured_sizes():
+    """Dense products measured at 64 and 256 rows, experts at 16 and 64 rows each: halfway in
+    log(rows) gets the mean rate, and beyond either size that size's rate."""
+    kernels = CpuKernels({}, {"q4": 100e9}, {"q4": 40e9}, 0.0, 0.0, {"q4": 300e9}, {"q4": 80e9})
+    dense = [kernels.flop_rate("q4", 1e9, rows=rows) for rows in (1, 64, 128, 256, 4096)]
+    assert dense == pytest.approx([100e9, 100e9, 200e9, 300e9, 300e9])
+    experts = [kernels.flop_rate("q4", 1e9, experts=True, rows=rows) for rows in (4, 16, 32, 64, 512)]
+    assert experts == pytest.approx([40e9, 40e9, 60e9, 80e9, 80e9])
+    assert kernels.flop_rate("q4", 1e9) == 100e9 and kernels.flop_rate("fp32", 1e9, rows=128) == 1e9
+    older = {k: v for k, v in kernels.to_dict().items() if not k.startswith("large_")}  # a cache from before
+    assert CpuKernels.from_dict(older).flop_rate("q4", 1e9, rows=256) == 100e9
+
+
 def test_kernel_probe_measures_every_scheme(monkeypatch):
     from localv3.offload import kernel_probe
 
     monkeypatch.setattr(kernel_probe, "READ_SET_BYTES", 8 * 2**20)
-    monkeypatch.setattr(kernel_probe, "PREFILL_TOKENS", 4)
+    monkeypatch.setattr(kernel_probe, "DENSE_BATCHES", (4, 8))
+    monkeypatch.setattr(kernel_probe, "EXPERT_BATCHES", (2, 4))
     kernels = kernel_probe.measure_cpu_kernels(20e9, repeats=1)
-    assert set(kernels.read_fraction) == set(kernels.flops) == set(kernels.expert_flops) == {"q4", "q8"}
-    assert all(v > 0 for v in [*kernels.read_fraction.values(), *kernels.flops.values(), *kernels.expert_flops.values()])
+    rates = (kernels.flops, kernels.expert_flops, kernels.large_flops, kernels.large_expert_flops)
+    assert set(kernels.read_fraction) == {"q4", "q8"} and all(set(r) == {"q4", "q8"} for r in rates)
+    assert all(v > 0 for v in [*kernels.read_fraction.values(), *(v for r in rates for v in r.values())])
     assert 0 < kernels.op_seconds < 1e-3 and 0 < kernels.graph_seconds < 1e-1
     assert CpuKernels.from_dict(kernels.to_dict()) == kernels
 

@@ -1,6 +1,9 @@
 """What the engine's CPU kernels reach on this machine, for the roofline: per weight scheme the
-fraction of the read-bandwidth probe that a one-token product streams at, and the FLOP/s of a
-prefill-sized product; and the fixed cost of one torch op and of one ggml graph call.
+fraction of the read-bandwidth probe that a one-token product streams at, and the FLOP/s of
+prefill-sized products at two sizes (ggml's products run faster with more rows per matrix: a
+Q4_K [4096, 7168] one at 256 rows reached ~2x its 64-row FLOP/s on the 2-core development
+machine), which the roofline interpolates between; and the fixed cost of one torch op and of
+one ggml graph call.
 
 The products are the engine's own (localv3.formats.modules.QuantExpertBank: ggml's mul_mat_id
 graph) over DeepSeek-V3 expert shapes, on weights larger than the caches. Block contents do not
@@ -16,28 +19,40 @@ from dataclasses import dataclass, field
 
 DIM, HIDDEN = 7168, 2048  # a DeepSeek-V3 routed expert
 READ_SET_BYTES = 192 * 2**20  # weights streamed per one-token product: beyond the caches
-PREFILL_TOKENS = 64
+DENSE_BATCHES = (64, 256)  # rows of the two dense products measured
+EXPERT_BATCHES = (16, 64)  # rows per routed expert of the two expert products measured (V3: a
+# 512-token chunk gives each of 256 experts 16 rows on average; a 32-expert model, 128)
 TILE_ROWS = 64  # rows quantised once and repeated through the probe's weights
-EXPERTS_PER_TOKEN = 2  # prefill probe: with ~7 experts in the set, ~18 rows per expert (V3: 64 x 8 / 256 = 2)
 DENSE_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class CpuKernels:
     read_fraction: dict[str, float] = field(default_factory=dict)  # scheme -> of the probe's bandwidth
-    flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of a dense product, PREFILL_TOKENS rows
-    expert_flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of routed experts, ~16 rows each
+    flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of a dense product, DENSE_BATCHES[0] rows
+    expert_flops: dict[str, float] = field(default_factory=dict)  # scheme -> FLOP/s of routed experts, EXPERT_BATCHES[0] rows each
     op_seconds: float = 4e-6  # one small torch op, dispatch included
     graph_seconds: float = 30e-6  # one ggml graph call on a tiny matrix: thread wake-up, ctypes
+    large_flops: dict[str, float] = field(default_factory=dict)  # as `flops`, DENSE_BATCHES[1] rows
+    large_expert_flops: dict[str, float] = field(default_factory=dict)  # as `expert_flops`, EXPERT_BATCHES[1] rows each
 
     def read_rate(self, scheme: str, cpu_bw: float) -> float:
         """Bytes/s a one-token product of `scheme` weights streams at (float schemes: the probe's)."""
         return cpu_bw * self.read_fraction.get(scheme, 1.0)
 
-    def flop_rate(self, scheme: str, cpu_flops: float, experts: bool = False) -> float:
+    def flop_rate(self, scheme: str, cpu_flops: float, experts: bool = False, rows: float | None = None) -> float:
         """FLOP/s of `scheme` products, dense or routed experts (float schemes: the probe's fp32
-        matrix product)."""
-        return (self.expert_flops if experts else self.flops).get(scheme, cpu_flops)
+        matrix product), at `rows` rows per matrix: between the two measured sizes interpolated
+        in log(rows), outside them the nearer one's (None: the smaller size's)."""
+        small = (self.expert_flops if experts else self.flops).get(scheme)
+        large = (self.large_expert_flops if experts else self.large_flops).get(scheme)
+        if small is None:
+            return cpu_flops
+        if large is None or rows is None:
+            return small
+        low, high = EXPERT_BATCHES if experts else DENSE_BATCHES
+        where = min(max(math.log(rows / low) / math.log(high / low), 0.0), 1.0) if rows > 0 else 0.0
+        return small + where * (large - small)
 
     def to_dict(self) -> dict:
         return {
@@ -46,17 +61,31 @@ class CpuKernels:
             "expert_flops": self.expert_flops,
             "op_seconds": self.op_seconds,
             "graph_seconds": self.graph_seconds,
+            "large_flops": self.large_flops,
+            "large_expert_flops": self.large_expert_flops,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> CpuKernels:
         def rates(key: str) -> dict[str, float]:
-            return {str(k): float(v) for k, v in data[key].items()}
+            return {str(k): float(v) for k, v in data.get(key, {}).items()}  # large_*: absent in older caches
 
         kernels = cls(
-            rates("read_fraction"), rates("flops"), rates("expert_flops"), float(data["op_seconds"]), float(data["graph_seconds"])
+            rates("read_fraction"),
+            rates("flops"),
+            rates("expert_flops"),
+            float(data["op_seconds"]),
+            float(data["graph_seconds"]),
+            rates("large_flops"),
+            rates("large_expert_flops"),
         )
-        rates_ = [*kernels.read_fraction.values(), *kernels.flops.values(), *kernels.expert_flops.values()]
+        rates_ = [
+            *kernels.read_fraction.values(),
+            *kernels.flops.values(),
+            *kernels.expert_flops.values(),
+            *kernels.large_flops.values(),
+            *kernels.large_expert_flops.values(),
+        ]
         if not all(0 < rate < math.inf for rate in rates_) or not all(
             0 <= seconds < math.inf for seconds in (kernels.op_seconds, kernels.graph_seconds)
         ):
@@ -92,18 +121,20 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
 
     if not ggml.available():
         return CpuKernels(op_seconds=_op_seconds(), graph_seconds=0.0)
-    read_fraction, flops, expert_flops = {}, {}, {}
+    read_fraction, dense, experts = {}, ({}, {}), ({}, {})
     for scheme in schemes:
         bank = _random_bank(scheme)
         n_experts = bank.gate_up.data.shape[0]
         nbytes = bank.gate_up.data.nbytes + bank.down.data.nbytes
         read_fraction[scheme] = nbytes / best_time(lambda: _run(bank, 1, n_experts), repeats) / cpu_bw
-        pairs = PREFILL_TOKENS * EXPERTS_PER_TOKEN  # (token, expert) products, spread over the bank
-        expert_flops[scheme] = 2 * pairs * 3 * DIM * HIDDEN / best_time(lambda: _run(bank, PREFILL_TOKENS, EXPERTS_PER_TOKEN), repeats)
         layer = _random_linear(scheme)
-        x = torch.randn(PREFILL_TOKENS, DIM)
-        flops[scheme] = 2 * PREFILL_TOKENS * DIM * layer.out_features / best_time(lambda: layer(x), repeats)
-    return CpuKernels(read_fraction, flops, expert_flops, _op_seconds(), _graph_seconds())
+        for size, (rows, expert_rows) in enumerate(zip(DENSE_BATCHES, EXPERT_BATCHES)):
+            # every token picks every expert of the bank: each gets `expert_rows` rows
+            seconds = best_time(lambda: _run(bank, expert_rows, n_experts), repeats)
+            experts[size][scheme] = 2 * expert_rows * n_experts * 3 * DIM * HIDDEN / seconds
+            x = torch.randn(rows, DIM)
+            dense[size][scheme] = 2 * rows * DIM * layer.out_features / best_time(lambda: layer(x), repeats)
+    return CpuKernels(read_fraction, dense[0], experts[0], _op_seconds(), _graph_seconds(), dense[1], experts[1])
 
 
 def _random_bank(scheme: str):

@@ -164,7 +164,7 @@ class Roofline:
                 part[1] += g.count * 2 * tokens * t.elements
         path: Counter = Counter()
         for scheme, (nbytes, flops) in by_scheme.items():
-            path += self._roof(device, nbytes, flops, scheme)
+            path += self._roof(device, nbytes, flops, scheme, rows=tokens)
         return path
 
     # ----- stages ---------------------------------------------------------------------------
@@ -189,10 +189,10 @@ class Roofline:
         shared = self.shape.group("shared_expert", layer)
         shared_part = self._groups_roof(device, [shared], tokens) if shared else Counter()
         read, flops = self._expert_traffic(layout, layer, tokens)
-        gpu_part = self._experts_roof(GPU, layer, read[GPU], flops[GPU]) if read[GPU] else Counter()
+        gpu_part = self._experts_roof(GPU, layer, read[GPU], flops[GPU], tokens) if read[GPU] else Counter()
         cpu_part: Counter = Counter()
         if read[CPU] or read[DISK]:
-            cpu_part = self._experts_roof(CPU, layer, read[CPU], flops[CPU] + flops[DISK])
+            cpu_part = self._experts_roof(CPU, layer, read[CPU], flops[CPU] + flops[DISK], tokens)
             if read[DISK]:
                 cpu_part[DISK_PART, DISK_LABEL] += read[DISK] / self.hardware.effective("disk_bw")
         local, remote = (gpu_part, cpu_part) if device == GPU else (cpu_part, gpu_part)
@@ -214,11 +214,13 @@ class Roofline:
             flops[device] += p * expert_flops
         return read, flops
 
-    def _experts_roof(self, device: str, layer: int, nbytes: float, flops: float) -> Counter:
-        """Routed experts' reads and products on `device`, each share at its formats' kernel rates."""
+    def _experts_roof(self, device: str, layer: int, nbytes: float, flops: float, tokens: int) -> Counter:
+        """Routed experts' reads and products on `device`, each share at its formats' kernel
+        rates for the rows an expert gets on average (tokens x k / E)."""
+        rows = tokens * self.shape.experts_per_token / max(self.shape.n_routed_experts, 1)
         path: Counter = Counter()
         for scheme, byte_share, flop_share in self._expert_schemes[layer]:
-            path += self._roof(device, nbytes * byte_share, flops * flop_share, scheme, experts=True)
+            path += self._roof(device, nbytes * byte_share, flops * flop_share, scheme, experts=True, rows=rows)
         return path
 
     @functools.cached_property
@@ -237,14 +239,17 @@ class Roofline:
             shares[layer] = [(scheme, b / nbytes, e / elements) for scheme, (b, e) in parts.items()]
         return shares
 
-    def _roof(self, device: str, nbytes: float, flops: float, scheme: str | None = None, experts: bool = False) -> Counter:
-        """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates (the
-        routed experts' products have their own FLOP/s and count as the CPU experts' time)."""
+    def _roof(
+        self, device: str, nbytes: float, flops: float, scheme: str | None = None, experts: bool = False, rows: float | None = None
+    ) -> Counter:
+        """max(read time, compute time) on `device`; on the CPU at `scheme`'s kernel rates for
+        `rows` rows per matrix (the routed experts' products have their own FLOP/s and count as
+        the CPU experts' time)."""
         hw = self.hardware
         bandwidth, compute = hw.effective(f"{device}_bw"), hw.effective(f"{device}_flops")
         if device == CPU and scheme is not None:
             bandwidth = hw.kernels.read_rate(scheme, bandwidth)
-            compute = hw.kernels.flop_rate(scheme, compute, experts)
+            compute = hw.kernels.flop_rate(scheme, compute, experts, rows)
         memory_s = nbytes / bandwidth
         compute_s = flops / compute
         part = GPU_PART if device == GPU else (CPU_EXPERTS if experts else CPU_LAYERS)
