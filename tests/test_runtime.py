@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 
 import localv3
 from cli import app
+from localv3.checkpoint import CheckpointReader
 from localv3.config import ModelConfig
 from localv3.model.moe import DenseExpertBank
 from localv3.formats import ggml
@@ -411,3 +412,23 @@ def test_small_models_decode_on_one_thread(monkeypatch):
     small = ModelConfig.from_dict(TINY_V3)
     large = ModelConfig.from_dict({**TINY_V3, "hidden_size": MIN_HIDDEN_FOR_THREADS})
     assert (default_cpu_threads(small), default_cpu_threads(large)) == (1, 16)
+
+
+@pytest.mark.skipif(not ggml.available(), reason="needs llama-cpp-python's ggml")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bf16_lm_head_is_held_in_bf16_on_the_cpu(tmp_path, seed):
+    """A checkpoint storing lm_head in bf16, computed in float32 on the CPU: the head keeps its
+    two bytes per weight (what the plan sizes) and gives the logits of those weights to within
+    ggml's rounding of the activations to bf16."""
+    model_dir = write_checkpoint(tmp_path, TINY_V3, seed=seed, dtype=torch.bfloat16)
+    engine = localv3.load(model_dir, device="cpu", dtype=torch.float32, cpu_threads=1)
+    head = engine.model.lm_head
+    config = engine.config
+    assert sum(t.nbytes for t in head.buffers()) == config.vocab_size * config.hidden_size * 2
+    session = engine.new_session(len(PROMPT))
+    logits = session.forward(PROMPT)  # [S, V]
+    with torch.inference_mode():
+        hidden = engine.model.hidden_states(torch.tensor([PROMPT]), 0, engine.model.new_cache(len(PROMPT)))  # [1, S, D]
+    stored = CheckpointReader(model_dir).get("lm_head.weight", torch.float32)  # bf16 values
+    expected = hidden[0] @ stored.T  # [S, V]
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() < 0.01

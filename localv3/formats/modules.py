@@ -143,7 +143,9 @@ class QuantLinear(_GraphModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [T, in]
-        if _uses_ggml(flat.device):
+        if not flat.shape[0]:  # no rows (logits of none of a draft's positions): no graph to build
+            y = flat.new_empty(0, self.out_features)
+        elif _uses_ggml(flat.device):
             y = self._compute(flat.shape[0], self.matrices.data, x=flat).to(x.dtype, copy=True)  # [T, out]
         else:
             y = F.linear(flat, self.matrices.dense(0, flat.dtype))

@@ -57,7 +57,7 @@ from localv3.model.transformer import Transformer
 from localv3.formats.blocks import QuantizedWeight, quantize_to
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear, runs_blocks
 from localv3.formats.roles import FP32_TENSOR_SUFFIXES, weight_role
-from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, BlockType
+from localv3.formats.table import ABSORBED_SCHEME, DTYPE_SCHEMES, FORMATS, GGUF_BLOCK_TYPES, BlockType
 from localv3.quantized import QUANTIZED_SUFFIX, Manifest, quantized_expectations, read_manifest, read_quantized
 from localv3.registry import resolve_model_dir
 from localv3.tokenizer import Tokenizer
@@ -163,7 +163,26 @@ def build_model(
     model.absorb_kv_b()
     if FORMATS[quant.dense].quantized:
         _quantise_absorbed(model, devices)
+    if quant.embeddings == "bf16":
+        _head_matrices_in_bf16(model, config, reader, devices)
     return model.eval()
+
+
+def _head_matrices_in_bf16(model: Transformer, config: ModelConfig, reader, devices: Devices) -> None:
+    """lm_head and the MTP layers' eh_proj, stored and planned in bf16, held in bf16 where their
+    device multiplies bf16 as stored (ggml on the CPU) instead of in a float32 compute dtype: the
+    bytes the plan sized, and half of what each decode step reads of them (DeepSeek-V3's
+    lm_head: 1.85 GB, not 3.7). ggml rounds the activations to bf16 for these products."""
+    bf16 = GGUF_BLOCK_TYPES["bf16"]
+    for name in ["lm_head", *(f"mtp.{i}.eh_proj" for i in range(len(model.mtp)))]:
+        module, device = model.get_submodule(name), devices.of_param(name)
+        stored = checkpoint_name(config, f"{name}.weight")
+        if not isinstance(module, nn.Linear) or module.weight.dtype == torch.bfloat16 or not runs_blocks(bf16, device):
+            continue
+        if stored not in reader or reader.info(stored).dtype != torch.bfloat16:
+            continue
+        rows = module.weight.detach().to(torch.bfloat16).contiguous().view(torch.uint8)  # [out, 2 * in]
+        set_module(model, name, QuantLinear.from_weight(QuantizedWeight(rows, bf16, module.in_features), module.bias, device))
 
 
 def _quantise_absorbed(model: Transformer, devices: Devices) -> None:
