@@ -17,6 +17,7 @@ from cli import app
 from fixtures_cli import BOS, CHAT_TEMPLATE, EOS, train_tokenizer
 from localv3.engines.llama_cpp import LlamaCppEngine, LlamaCppTokenizer, load_gguf
 from localv3.gguf_export import export_gguf
+from localv3.offload.quant import Quantization
 from localv3.quantize import QuantizeError
 from localv3.synthetic import TINY_V3, write_checkpoint
 from localv3.tokenizer import Tokenizer
@@ -52,8 +53,11 @@ def random_f32(random_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def native(random_model):
+    """The exact reference: float32 throughout, lm_head included (a bf16 one on the CPU would
+    round its activations to bf16)."""
     with one_thread():
-        return localv3.load(random_model, device="cpu", dtype=torch.float32)
+        exact = Quantization(experts="fp8", dense="fp8", embeddings="fp32")
+        return localv3.load(random_model, device="cpu", dtype=torch.float32, quantization=exact)
 
 
 def test_metadata_and_tensors(random_f32):

@@ -30,6 +30,7 @@ hold.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,7 +105,7 @@ def _static(shape, dtype, device: torch.device, pinned: bool) -> torch.Tensor:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    return next(itertools.chain(module.parameters(), module.buffers())).device  # quantised modules hold buffers
 
 
 class _ProgramBuilder:
