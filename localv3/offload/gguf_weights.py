@@ -168,6 +168,10 @@ class GgufWeights:
         """A GGUF stores no localv3 `.qweight` tensors (its blocks come through block_type)."""
         return None
 
+    def held_in_bf16(self, weight_name: str) -> bool:
+        """A GGUF's float tensors are held as floats (its block types come through block_type)."""
+        return False
+
     def block_type(self, weight_name: str, scheme: str | None, in_features: int) -> BlockType | None:
         """The tensor's ggml block type when it is one (float types: None, held as floats)."""
         if _EXPERT.match(weight_name) is None and weight_name not in self.reader.held:

@@ -11,8 +11,9 @@
 - the dense-role linears (MLA projections, dense FFN, shared experts) as QuantLinear under q8/q4,
 a dense FFN or shared expert whose three matrices are quantised as one QuantFeedForward.
 MLA's absorbed W_UK/W_UV (from kv_b_proj) in Q8_0 whenever the dense scheme is quantised
-(QuantHeadProjection), else in the compute dtype. Held in the compute dtype: the embeddings
-role (embed_tokens, lm_head, the MTP eh_proj: bf16 or FP8-stored, never a block type), any
+(QuantHeadProjection), else in the compute dtype. lm_head and the MTP eh_proj stored and
+planned in bf16 as ggml's BF16 rows where ggml runs them (the CPU). Held in the compute dtype:
+the rest of the embeddings role (embed_tokens; those two elsewhere), any
 matrix whose input dimension no block type of the format divides, and every float scheme
 (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
@@ -71,6 +72,8 @@ from localv3.offload.quant import Quantization
 from localv3.offload.static_decode import StaticDecoding
 from localv3.offload.routing_stats import RoutingStats, find_profile, load_profile, moe_layers
 from localv3.offload.shape import ModelShape
+
+BF16_ROWS = GGUF_BLOCK_TYPES["bf16"]  # a bf16 matrix as ggml multiplies it
 
 
 HOST = torch.device("cpu")
@@ -133,7 +136,7 @@ def build_model(
         expected = quantized_expectations(expected, weights.manifest)
     weights.validate(expected)
     devices = Devices(layout, torch.device(gpu_device), config.num_hidden_layers)
-    linears = _quantised_linears(model, config, weights, quant.dense, devices)
+    linears = _quantised_linears(model, config, weights, quant, devices)
     for tensor_name, (name, _) in expected.items():
         if "[" in name or name.endswith(QUANTIZED_SUFFIX) or name.removesuffix(".weight") in linears:
             continue  # routed experts and quantised weights: below
@@ -163,26 +166,7 @@ def build_model(
     model.absorb_kv_b()
     if FORMATS[quant.dense].quantized:
         _quantise_absorbed(model, devices)
-    if quant.embeddings == "bf16":
-        _head_matrices_in_bf16(model, config, reader, devices)
     return model.eval()
-
-
-def _head_matrices_in_bf16(model: Transformer, config: ModelConfig, reader, devices: Devices) -> None:
-    """lm_head and the MTP layers' eh_proj, stored and planned in bf16, held in bf16 where their
-    device multiplies bf16 as stored (ggml on the CPU) instead of in a float32 compute dtype: the
-    bytes the plan sized, and half of what each decode step reads of them (DeepSeek-V3's
-    lm_head: 1.85 GB, not 3.7). ggml rounds the activations to bf16 for these products."""
-    bf16 = GGUF_BLOCK_TYPES["bf16"]
-    for name in ["lm_head", *(f"mtp.{i}.eh_proj" for i in range(len(model.mtp)))]:
-        module, device = model.get_submodule(name), devices.of_param(name)
-        stored = checkpoint_name(config, f"{name}.weight")
-        if not isinstance(module, nn.Linear) or module.weight.dtype == torch.bfloat16 or not runs_blocks(bf16, device):
-            continue
-        if stored not in reader or reader.info(stored).dtype != torch.bfloat16:
-            continue
-        rows = module.weight.detach().to(torch.bfloat16).contiguous().view(torch.uint8)  # [out, 2 * in]
-        set_module(model, name, QuantLinear.from_weight(QuantizedWeight(rows, bf16, module.in_features), module.bias, device))
 
 
 def _quantise_absorbed(model: Transformer, devices: Devices) -> None:
@@ -222,7 +206,13 @@ class Weights:
     def quantized(self, weight_name: str, stored: BlockType, in_features: int) -> QuantizedWeight:
         if self.stored_format(weight_name) is not None:
             return read_quantized(self.reader, weight_name, stored, in_features)
+        if stored == BF16_ROWS:  # the stored bf16 values themselves, never widened
+            return QuantizedWeight(self.reader.get(weight_name, torch.bfloat16).contiguous().view(torch.uint8), stored, in_features)
         return quantize_to(self.reader.get(weight_name, torch.float32), stored)
+
+    def held_in_bf16(self, weight_name: str) -> bool:
+        """Whether the checkpoint stores this float matrix in bf16."""
+        return self.reader.info(weight_name).dtype == torch.bfloat16
 
     def mapped_experts(self, layer: int, expert_ids: list[int]) -> None:
         """Experts are copied, not mapped, from safetensors: a shard stores each expert's
@@ -233,19 +223,27 @@ class Weights:
 
 
 def _quantised_linears(
-    model: Transformer, config: ModelConfig, weights: Weights | GgufWeights, scheme: str, devices: Devices
+    model: Transformer, config: ModelConfig, weights: Weights | GgufWeights, quant: Quantization, devices: Devices
 ) -> dict[str, tuple[BlockType, int]]:
-    """Module name -> (block type, input features) of every dense-role nn.Linear (the role rule
-    of localv3.formats.roles) that the checkpoint stores quantised or that `scheme` quantises,
-    where its device computes that block type (else it is held dequantised)."""
+    """Module name -> (block type, input features) of every nn.Linear held in a block type (the
+    roles of localv3.formats.roles), where its device computes that type (else it is held in
+    the compute dtype):
+    - dense-role ones that the checkpoint stores quantised or that the dense scheme quantises;
+    - embeddings-role ones (lm_head, the MTP eh_proj) stored and planned in bf16, as ggml's BF16
+      rows: the bytes the plan sized, not a float32 compute dtype's twice as many (DeepSeek-V3's
+      lm_head: 1.85 GB read per decode step, not 3.7). ggml rounds their activations to bf16."""
     chosen = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         weight_name = checkpoint_name(config, f"{name}.weight")
-        if weight_role(weight_name, 2) != "dense":
+        role = weight_role(weight_name, 2)
+        if role == "dense":
+            stored = weights.block_type(weight_name, quant.dense, module.in_features)
+        elif role == "embeddings" and quant.embeddings == "bf16" and weights.held_in_bf16(weight_name):
+            stored = BF16_ROWS
+        else:
             continue
-        stored = weights.block_type(weight_name, scheme, module.in_features)
         if stored is not None and runs_blocks(stored, devices.of_param(name)):
             chosen[name] = (stored, module.in_features)
     return chosen
