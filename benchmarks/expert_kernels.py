@@ -2,13 +2,15 @@
 """Routed-expert kernels at DeepSeek-V3 width, against this machine's read bandwidth.
 
 One MoE layer's bank of `--experts` V3 routed experts (gate+up [4096, 7168], down [7168, 2048])
-in each format, called as the engine calls it (`QuantExpertBank.forward`: ggml's mul_mat_id graph
-on the CPU), at T = 1, 2, 4, 8, 64 tokens with top-8 routing; plus one expert alone at T = 1.
+in each format, called as the engine calls it (`QuantExpertBank.forward`), at T = 1, 2, 4, 8, 64
+tokens with top-8 routing, plus one expert alone at T = 1; with each of `--kernels`: localv3's
+own CPU kernels (calls of up to DECODE_TOKENS tokens; larger ones are ggml's either way) and
+ggml's mul_mat_id graph.
 Effective GB/s = bytes of the distinct experts the call reads / median time. The bandwidth probe
 is localv3.offload.hardware.measure_cpu (an fp32 matrix-vector product over 512 MiB). Experts differ
 from call to call and the bank is larger than the caches, so the weights stream from RAM.
 
-    python benchmarks/expert_kernels.py [--threads 2] [--experts 32] [--repeats 9] [--json]
+    python benchmarks/expert_kernels.py [--threads 2] [--experts 32] [--repeats 9] [--kernels localv3,ggml] [--json]
 
 Prints a table (stderr: progress) and one JSON document on stdout.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +30,7 @@ import torch
 from localv3.formats.blocks import quantize_weight
 from localv3.formats.modules import QuantExpertBank
 from localv3.formats.table import FORMATS
+from localv3.kernels import build, products
 from localv3.offload.hardware import measure_cpu
 
 DIM, HIDDEN, TOP_K = 7168, 2048, 8
@@ -35,6 +39,7 @@ TOKEN_COUNTS = (1, 2, 4, 8, 64)
 
 @dataclass
 class Row:
+    kernels: str  # localv3 or ggml
     format: str
     tokens: int
     experts_read: float  # distinct experts per call, mean
@@ -76,17 +81,29 @@ def time_calls(bank: QuantExpertBank, tokens: int, top_k: int, repeats: int, gen
     return statistics.median(seconds[1:]), statistics.mean(distinct[1:])
 
 
-def measure(scheme: str, n_experts: int, repeats: int, probe_gb_s: float) -> list[Row]:
-    bank = build_bank(scheme, n_experts)
+def use_kernels(kernels: str) -> None:
+    """Route decode-sized calls to localv3's kernels, or keep every call on ggml's."""
+    if kernels == "ggml":
+        os.environ[build.SWITCH] = "ggml"
+    else:
+        os.environ.pop(build.SWITCH, None)
+    build.library.cache_clear()
+    if kernels == "localv3" and build.library() is None:
+        sys.exit("localv3's CPU kernels cannot be built on this machine")
+
+
+def measure(kernels: str, bank: QuantExpertBank, scheme: str, repeats: int, probe_gb_s: float) -> list[Row]:
+    use_kernels(kernels)
     per_expert = expert_bytes(bank)
     gen = torch.Generator().manual_seed(1)
     rows = []
-    for tokens, top_k in [(1, 1)] + [(t, TOP_K) for t in TOKEN_COUNTS]:
+    counts = [t for t in TOKEN_COUNTS if kernels == "ggml" or t <= products.DECODE_TOKENS]
+    for tokens, top_k in [(1, 1)] + [(t, TOP_K) for t in counts]:
         median, distinct = time_calls(bank, tokens, top_k, repeats, gen)
         gb_s = distinct * per_expert / median / 1e9
         label = f"{scheme} {'1 expert' if top_k == 1 else 'top-8'}"
-        rows.append(Row(label, tokens, distinct, median * 1e3, gb_s, gb_s / probe_gb_s))
-        print(f"  {label} T={tokens}: {median * 1e3:.2f} ms, {gb_s:.1f} GB/s", file=sys.stderr)
+        rows.append(Row(kernels, label, tokens, distinct, median * 1e3, gb_s, gb_s / probe_gb_s))
+        print(f"  {kernels} {label} T={tokens}: {median * 1e3:.2f} ms, {gb_s:.1f} GB/s", file=sys.stderr)
     return rows
 
 
@@ -96,17 +113,22 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32, help="experts in the bank (each 22-39 MB)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--formats", default="q4,q8")
+    parser.add_argument("--kernels", default="localv3,ggml", help="comma-separated: localv3, ggml")
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     probe_gb_s = measure_cpu()[0] / 1e9
     print(f"read-bandwidth probe: {probe_gb_s:.1f} GB/s ({args.threads} threads)", file=sys.stderr)
-    rows = [row for scheme in args.formats.split(",") for row in measure(scheme, args.experts, args.repeats, probe_gb_s)]
+    rows = []
+    for scheme in args.formats.split(","):
+        bank = build_bank(scheme, args.experts)
+        for kernels in args.kernels.split(","):
+            rows += measure(kernels, bank, scheme, args.repeats, probe_gb_s)
     if not args.json:
-        print(f"| format | T | experts read | ms | GB/s | of probe ({probe_gb_s:.1f} GB/s) |")
-        print("|---|---|---|---|---|---|")
+        print(f"| kernels | format | T | experts read | ms | GB/s | of probe ({probe_gb_s:.1f} GB/s) |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r.format} | {r.tokens} | {r.experts_read:.1f} | {r.ms:.2f} | {r.gb_s:.1f} | {r.of_probe:.0%} |")
+            print(f"| {r.kernels} | {r.format} | {r.tokens} | {r.experts_read:.1f} | {r.ms:.2f} | {r.gb_s:.1f} | {r.of_probe:.0%} |")
     print(json.dumps({"threads": args.threads, "probe_gb_s": probe_gb_s, "rows": [asdict(r) for r in rows]}))
 
 

@@ -20,6 +20,14 @@ def localv3_home(tmp_path_factory):
         os.environ["LOCALV3_HOME"] = previous
 
 
+@pytest.fixture
+def dequantised_products(monkeypatch):
+    """The test's quantised modules dequantise their blocks on every call (kernel_paths.py)."""
+    from kernel_paths import dequantise_products
+
+    dequantise_products(monkeypatch)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

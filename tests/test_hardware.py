@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -345,12 +346,15 @@ def test_a_cache_missing_a_figure_is_measured_again(home, monkeypatch, missing):
     assert detect_hardware().cpu_bw == 30e9
 
 
-MEASURED_KERNELS = CpuKernels({"q4": 0.6, "q8": 0.7}, {"q4": 80e9, "q8": 60e9}, {"q4": 70e9, "q8": 50e9}, 3e-6, 20e-6)
+MEASURED_KERNELS = CpuKernels(
+    {"q4": 0.6, "q8": 0.7}, {"q4": 80e9, "q8": 60e9}, {"q4": 70e9, "q8": 50e9}, 3e-6, 20e-6, decode_kernels="localv3 build-a"
+)
 
 
 def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_memory(home, monkeypatch):
     calls = []
     monkeypatch.setattr(hw_module, "measure_cpu", lambda: (20e9, 100e9))
+    monkeypatch.setattr(hw_module, "decode_kernels", lambda: "localv3 build-a")
     monkeypatch.setattr(hw_module, "measure_cpu_kernels", lambda cpu_bw: calls.append(cpu_bw) or MEASURED_KERNELS)
     first, second = detect_hardware(), detect_hardware()
     assert calls == [20e9] and first.kernels == second.kernels == MEASURED_KERNELS
@@ -359,6 +363,23 @@ def test_detected_kernel_rates_are_measured_once_cached_and_dropped_for_stated_m
     assert "q4 60%" in first.basis["cpu_kernels"]
     stated = StatedHardware(cpu_bw=400e9).apply(first)  # another machine's memory: assumed kernels
     assert stated.kernels.read_fraction == {"q4": 0.65, "q8": 0.7}
+
+
+def test_kernel_rates_of_other_decode_kernels_are_measured_again(home, monkeypatch):
+    """A cache measured with ggml's decode kernels (or another build of ours) is re-measured once
+    the kernels change; the machine's bandwidth and FLOP/s are kept."""
+    measured = []
+    monkeypatch.setattr(hw_module, "measure_cpu", lambda: (20e9, 100e9))
+
+    def measure(cpu_bw: float) -> CpuKernels:
+        measured.append(hw_module.decode_kernels())
+        return replace(MEASURED_KERNELS, decode_kernels=hw_module.decode_kernels())
+
+    monkeypatch.setattr(hw_module, "measure_cpu_kernels", measure)
+    for kernels in ("ggml", "ggml", "localv3 build-b", "localv3 build-b"):
+        monkeypatch.setattr(hw_module, "decode_kernels", lambda kernels=kernels: kernels)
+        assert detect_hardware().kernels.decode_kernels == kernels
+    assert measured == ["ggml", "localv3 build-b"]
 
 
 def test_prefill_rates_are_interpolated_between_the_two_measured_sizes():

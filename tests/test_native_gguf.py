@@ -106,8 +106,7 @@ def dequantised_checkpoint(checkpoint: Path, gguf_file: Path, out: Path) -> Path
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
-def test_quantised_gguf_computes_its_dequantised_weights(models, seed, gguf_type, tmp_path, monkeypatch):
-    monkeypatch.setattr(ggml, "available", lambda: False)  # exact arithmetic: blocks dequantised per call
+def test_quantised_gguf_computes_its_dequantised_weights(models, seed, gguf_type, tmp_path, dequantised_products):
     checkpoint, files = models[seed]
     reference = localv3.load(dequantised_checkpoint(checkpoint, files[gguf_type], tmp_path / "ref"), device="cpu", dtype=torch.float32)
     engine = native(files[gguf_type])

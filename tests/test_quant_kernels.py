@@ -13,10 +13,11 @@ from localv3.formats.blocks import QuantizedWeight, check_shape, quantize_to, qu
 from localv3.formats.modules import QuantExpertBank, QuantFeedForward, QuantHeadProjection, QuantLinear
 from localv3.model.attention import HeadProjection
 from localv3.formats.table import BLOCK_TYPES, FORMATS, Q4_0, Q4_K, Q8_0, QuantError
+from localv3.kernels import build, products
 
 SEEDS = (0, 1, 2)
-# ggml's kernels quantise the activations to 8 bits (Q8_0 / Q8_K blocks) before the integer dot
-# products: measured max error 0.5-1.2% of the largest output; a wrong layout gives ~100%.
+# ggml's kernels and ours quantise the activations to 8 bits (blocks of 32 or 256) before the
+# integer dot products: measured max error 0.5-1.2% of the largest output; a wrong layout gives ~100%.
 KERNEL_TOLERANCE = 0.03
 
 
@@ -79,16 +80,21 @@ def test_quantize_rejects_bad_shapes():
         quantize_weight(torch.randn(16), FORMATS["q8"])
 
 
-@pytest.fixture(params=["ggml", "dequantise"])
+@pytest.fixture(params=["localv3", "ggml", "dequantise"])
 def kernel(request, monkeypatch):
-    """Each module on both paths: ggml's CPU kernels, and the per-call dequantisation a GPU takes."""
+    """Each module on its three paths: localv3's own CPU kernels (the decode-sized calls here),
+    ggml's CPU kernels, and the per-call dequantisation a GPU takes."""
+    if request.param == "localv3" and build.library() is None:
+        pytest.skip("localv3's CPU kernels cannot be built on this machine (tests/test_cpu_kernels.py says why)")
+    if request.param != "localv3":
+        monkeypatch.setattr(products, "library", lambda: None)
     if request.param == "dequantise":
         monkeypatch.setattr(ggml, "available", lambda: False)
     return request.param
 
 
 def tolerance(kernel: str) -> float:
-    return KERNEL_TOLERANCE if kernel == "ggml" else 1e-5
+    return 1e-5 if kernel == "dequantise" else KERNEL_TOLERANCE
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -183,14 +189,16 @@ def test_head_projections_map_one_input_through_every_head(kernel, seed, tokens)
 
 
 def test_graphs_stay_cached_within_the_shared_budget(monkeypatch):
-    """Decode-sized graphs are kept; one that would take the cached graphs past the budget (a
-    big prefill chunk's intermediates) is built for its call and dropped."""
+    """Small graphs are kept; one that would take the cached graphs past the budget (a big
+    prefill chunk's intermediates) is built for its call and dropped. (Calls of up to
+    DECODE_TOKENS rows run localv3's own kernels, which need no graph.)"""
     monkeypatch.setattr(ggml, "BUDGET", ggml._Budget(limit=256 * 1024))
     fmt = FORMATS["q8"]
     layer = QuantLinear.from_weight(quantize_weight(random_weight(0, 32, 64), fmt))
-    for tokens in (1, 2, 4096, 1):
+    small, other = products.DECODE_TOKENS + 1, products.DECODE_TOKENS + 2
+    for tokens in (small, other, 4096, small):
         layer(torch.randn(tokens, 64))
-    assert sorted(layer._graphs.graphs) == [1, 2]
+    assert sorted(layer._graphs.graphs) == [small, other]
     assert ggml.BUDGET.used == sum(staged.graph.held_bytes for staged in layer._graphs.graphs.values()) > 0
     layer._graphs.clear()
     assert ggml.BUDGET.used == 0

@@ -35,6 +35,7 @@ from cli import app
 from localv3.checkpoint import CheckpointReader
 from localv3.config import ModelConfig
 from localv3.model.moe import DenseExpertBank
+from kernel_paths import dequantise_products
 from localv3.formats import ggml
 from localv3.formats.blocks import quantize_to, quantize_weight
 from localv3.formats.table import FORMATS, Q8_0
@@ -192,13 +193,12 @@ def test_mtp_head_matches_on_its_placed_device(model_dir, reference):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("experts,dense", [("q8", "q8"), ("q4", "q8"), ("q4", "q4")])
-def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, monkeypatch, experts, dense, seed):
+def test_quantised_plan_places_the_stored_blocks_exactly(tmp_path, dequantised_products, experts, dense, seed):
     """With the kernels' arithmetic taken out (every block matrix dequantised per call, as on a
     GPU), a quantised plan computes exactly what the unplaced engine computes on the same
     rounded weights: the blocks, banks and slices are placed and wired right. The ggml kernels'
     own error (8-bit activations) is tested in test_quant_kernels.py, end to end on the trained
     tiny model in test_quantize.py."""
-    monkeypatch.setattr(ggml, "available", lambda: False)
     quant = Quantization(experts=experts, dense=dense, embeddings="fp32")
     rounded = write_rounded_checkpoint(tmp_path / "rounded", quant, seed)
     engine, ref = planned(rounded, quant), unplaced(rounded)
@@ -240,8 +240,7 @@ def bf16_error_under_the_same_routing(rounded: Path, gpu_device: str) -> tuple[t
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(ggml, "available", lambda: False)  # block matrices dequantised per call, as on a GPU
+def test_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, dequantised_products, seed):
     rounded = write_rounded_checkpoint(tmp_path / "rounded", Quantization(experts="q4", dense="q8", embeddings="fp32"), seed)
     error, same_routing = bf16_error_under_the_same_routing(rounded, "cpu")
     assert error.max() <= 0.06 and same_routing >= 0.85
@@ -250,7 +249,7 @@ def test_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, m
 def test_localv3_quantized_checkpoint_is_placed_as_stored(tmp_path, model_dir, monkeypatch):
     target = tmp_path / "tiny-q4"
     quantize_checkpoint(model_dir, target, QuantizeSettings(experts="q4", dense="q8"), {"model": "tiny"})
-    monkeypatch.setattr(ggml, "available", lambda: False)  # exact arithmetic, as above
+    dequantise_products(monkeypatch)  # exact arithmetic, as above
     engine = planned(target, Quantization(experts="q4", dense="q8", embeddings="fp32"))
     assert engine.plan.layout.experts_on(2, DISK)  # disk experts dequantise the stored q4 per use
     assert engine.model.model.layers[1].mlp.experts.slices[0].bank.gate_up.block_type.name == "q4_0"
@@ -385,10 +384,9 @@ def test_cuda_bf16_default_dtype_and_kv_rows_per_layer(model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_cuda_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, monkeypatch, seed):
+def test_cuda_bf16_plan_matches_the_fp32_reference_under_the_same_routing(tmp_path, dequantised_products, seed):
     """The bound measured with bf16 on the CPU (module docstring): cuBLAS accumulates bf16 products
     in fp32 as the CPU does; not yet measured on a GPU."""
-    monkeypatch.setattr(ggml, "available", lambda: False)
     rounded = write_rounded_checkpoint(tmp_path / "rounded", Quantization(experts="q4", dense="q8", embeddings="fp32"), seed)
     error, same_routing = bf16_error_under_the_same_routing(rounded, "cuda")
     assert error.max() <= 0.06 and same_routing >= 0.85

@@ -1,10 +1,12 @@
 """torch modules over block-quantised weights: a linear layer, a SwiGLU MLP and a routed-expert
-bank, each computed by ggml's CPU kernels when it lives on the CPU (one ggml graph per call,
-built once per token count), else dequantised in torch on each call (a GPU).
+bank. On the CPU a decode-sized call (a few tokens) runs localv3's own kernels
+(localv3.kernels.products: weights read near the memory bandwidth), a larger one ggml's (one
+ggml graph per call, built once per token count), as does any call of a block type ours lack;
+elsewhere (a GPU) the weights are dequantised in torch on each call.
 
-Measured on the 2-core AVX2 development machine (benchmarks/expert_kernels.py has the table):
-ggml reads Q4_K/Q8_0 experts at a large fraction of the memory bandwidth, where torch's int4/int8
-kernels were compute-bound at 5-11 GB/s.
+benchmarks/expert_kernels.py has the table: on the 2-core development machine a V3 expert
+layer's Q4_K matrices are read at ~80% of the read bandwidth by our kernels, ~50% by ggml's,
+where torch's int4/int8 kernels were compute-bound at 5-11 GB/s.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from localv3.files import warn
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight, dequantize_rows, quantize_to
 from localv3.formats.table import BLOCK_TYPES, BlockType, QuantError
+from localv3.kernels import products
 from localv3.model.moe import run_experts
 
 ACTIVATIONS = torch.float32  # what the ggml graphs take in and give out
@@ -145,6 +148,8 @@ class QuantLinear(_GraphModule):
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if not flat.shape[0]:  # no rows (logits of none of a draft's positions): no graph to build
             y = flat.new_empty(0, self.out_features)
+        elif flat.device.type == "cpu" and (y := products.matmul(self.matrices.data[0], self.matrices.block_type, self.in_features, flat)) is not None:
+            y = y.to(x.dtype)  # [T, out]
         elif _uses_ggml(flat.device):
             y = self._compute(flat.shape[0], self.matrices.data, x=flat).to(x.dtype, copy=True)  # [T, out]
         else:
@@ -184,12 +189,23 @@ class QuantFeedForward(_GraphModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.dim)  # [T, D]
-        if _uses_ggml(flat.device):
+        if flat.device.type == "cpu" and (y := self._own_kernels(flat)) is not None:
+            y = y.to(x.dtype)  # [T, D]
+        elif _uses_ggml(flat.device):
             y = self._compute(flat.shape[0], self.gate_up.data, x=flat).to(x.dtype, copy=True)  # [T, D]
         else:
             gate, up = F.linear(flat, self.gate_up.dense(0, flat.dtype)).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down.dense(0, flat.dtype))
         return y.view(x.shape)
+
+    def _own_kernels(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The MLP as the one expert every token chooses with weight 1."""
+        tokens = flat.shape[0]
+        gate_up = self.gate_up.data  # [1, 2I, row bytes]
+        return products.swiglu_experts(
+            gate_up[:, : self.hidden], gate_up[:, self.hidden :], self.gate_up.block_type, self.down.data,
+            self.down.block_type, flat, torch.zeros(tokens, 1, dtype=torch.int32), torch.ones(tokens, 1),
+        )  # fmt: skip
 
     def _build(self, tokens: int) -> _Staged:
         graph = ggml.Graph()
@@ -238,12 +254,23 @@ class QuantExpertBank(_GraphModule):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], indices/weights [T, k] -> [T, D]."""
+        slots = indices if self.slots is None else self.slots[indices]  # [T, k]: the matrices chosen
+        if x.device.type == "cpu" and (mixed := self._own_kernels(x, slots, weights)) is not None:
+            return mixed.to(x.dtype)
         if not _uses_ggml(x.device):
             return run_experts(x, indices, weights, self.expert_forward)
-        slots = indices if self.slots is None else self.slots[indices]  # [T, k]: the matrices chosen
         outputs = self._compute(indices.shape, self.down.data, x=x, ids=slots)  # [T, k, D]
         mixed = torch.bmm(weights.unsqueeze(1).to(ACTIVATIONS), outputs)  # [T, 1, D]
         return mixed.view(x.shape).to(x.dtype)
+
+    def _own_kernels(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_up is not None:
+            gate_type, gate, up = self.gate_up.block_type, self.gate_up.data[:, : self.hidden], self.gate_up.data[:, self.hidden :]
+        elif self.gate.block_type == self.up.block_type:
+            gate_type, gate, up = self.gate.block_type, self.gate.data, self.up.data
+        else:
+            return None
+        return products.swiglu_experts(gate, up, gate_type, self.down.data, self.down.block_type, x, slots, weights)
 
     def _build(self, shape: tuple[int, int]) -> _Staged:
         tokens, k = shape
@@ -290,12 +317,17 @@ class QuantHeadProjection(_GraphModule):
         return self.heads, self.out_features, self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and (y := products.matmul(self.matrices.data, self.matrices.block_type, self.in_features, x)) is not None:
+            return y.to(x.dtype)  # [H, N, out]
         if not _uses_ggml(x.device):
             return torch.bmm(x, self.dense_weight(x.dtype).transpose(1, 2))
         return self._compute(("per head", x.shape[1]), self.matrices.data, x=x).to(x.dtype, copy=True)  # [H, N, out]
 
     def every_head(self, x: torch.Tensor) -> torch.Tensor:
         """Every head's map of the same inputs, as one matrix of H * out rows: x [N, in] -> [N, H * out]."""
+        every_row = self.matrices.data.view(-1, self.matrices.data.shape[-1])  # [H * out, row bytes]
+        if x.device.type == "cpu" and (y := products.matmul(every_row, self.matrices.block_type, self.in_features, x)) is not None:
+            return y.to(x.dtype)
         if not _uses_ggml(x.device):
             return F.linear(x, self.dense_weight(x.dtype).reshape(-1, self.in_features))
         return self._compute(("every head", x.shape[0]), self.matrices.data, x=x).to(x.dtype, copy=True)

@@ -26,6 +26,7 @@ import psutil
 from localv3.errors import LocalV3Error
 from localv3.files import cache_text
 from localv3.render import format_bytes
+from localv3.kernels.build import decode_kernels
 from localv3.offload.kernel_probe import CpuKernels, assumed_kernels, best_time, describe_assumed, measure_cpu_kernels
 from localv3.offload.profiles import load_profiles
 from localv3.offload.units import format_flops, format_rate
@@ -210,7 +211,7 @@ def _measured_rates(cpu_name: str, cores: int, ram: int, gpu_name: str | None, b
     if _usable_cache(cached, gpu_name) and all(cached.get(key) == value for key, value in machine.items()):
         rates = cached
         basis["cpu_bw"] = f"measured {format_rate(rates['cpu_bw'])} on {rates['measured_at']} ({path})"
-        if not _valid_kernels(rates.get("cpu_kernels")):
+        if not _valid_kernels(rates.get("cpu_kernels")) or rates["cpu_kernels"].get("decode_kernels") != decode_kernels():
             rates["cpu_kernels"] = measure_cpu_kernels(rates["cpu_bw"]).to_dict()
             _write_cache(path, rates)
     else:

@@ -1,12 +1,14 @@
 """What the engine's CPU kernels reach on this machine, for the roofline: per weight scheme the
-fraction of the read-bandwidth probe that a one-token product streams at, and the FLOP/s of
+fraction of the read-bandwidth probe that a one-token product streams at (localv3's own
+kernels where they are built, else ggml's: `decode_kernels` says which, and a cache measured
+with others is measured again), and the FLOP/s of
 prefill-sized products at two sizes (ggml's products run faster with more rows per matrix: a
 Q4_K [4096, 7168] one at 256 rows reached ~2x its 64-row FLOP/s on the 2-core development
 machine), which the roofline interpolates between; and the fixed cost of one torch op and of
 one ggml graph call.
 
-The products are the engine's own (localv3.formats.modules.QuantExpertBank: ggml's mul_mat_id
-graph) over DeepSeek-V3 expert shapes, on weights larger than the caches. Block contents do not
+The products are the engine's own (localv3.formats.modules.QuantExpertBank) over DeepSeek-V3
+expert shapes, on weights larger than the caches. Block contents do not
 change the kernels' speed, so the weights are one quantised tile of random rows repeated
 (quantising ~200 MB would take longer than the probe). Stated and profile hardware use `ASSUMED`, never this machine's figures.
 """
@@ -35,6 +37,7 @@ class CpuKernels:
     graph_seconds: float = 30e-6  # one ggml graph call on a tiny matrix: thread wake-up, ctypes
     large_flops: dict[str, float] = field(default_factory=dict)  # as `flops`, DENSE_BATCHES[1] rows
     large_expert_flops: dict[str, float] = field(default_factory=dict)  # as `expert_flops`, EXPERT_BATCHES[1] rows each
+    decode_kernels: str = ""  # localv3.kernels.build.decode_kernels() when measured ("": assumed)
 
     def read_rate(self, scheme: str, cpu_bw: float) -> float:
         """Bytes/s a one-token product of `scheme` weights streams at (float schemes: the probe's)."""
@@ -63,6 +66,7 @@ class CpuKernels:
             "graph_seconds": self.graph_seconds,
             "large_flops": self.large_flops,
             "large_expert_flops": self.large_expert_flops,
+            "decode_kernels": self.decode_kernels,
         }
 
     @classmethod
@@ -78,6 +82,7 @@ class CpuKernels:
             float(data["graph_seconds"]),
             rates("large_flops"),
             rates("large_expert_flops"),
+            str(data.get("decode_kernels", "")),
         )
         rates_ = [
             *kernels.read_fraction.values(),
@@ -118,6 +123,7 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
     import torch
 
     from localv3.formats import ggml
+    from localv3.kernels.build import decode_kernels
 
     if not ggml.available():
         return CpuKernels(op_seconds=_op_seconds(), graph_seconds=0.0)
@@ -134,7 +140,7 @@ def measure_cpu_kernels(cpu_bw: float, schemes: tuple[str, ...] = ("q4", "q8"), 
             experts[size][scheme] = 2 * expert_rows * n_experts * 3 * DIM * HIDDEN / seconds
             x = torch.randn(rows, DIM)
             dense[size][scheme] = 2 * rows * DIM * layer.out_features / best_time(lambda: layer(x), repeats)
-    return CpuKernels(read_fraction, dense[0], experts[0], _op_seconds(), _graph_seconds(), dense[1], experts[1])
+    return CpuKernels(read_fraction, dense[0], experts[0], _op_seconds(), _graph_seconds(), dense[1], experts[1], decode_kernels())
 
 
 def _random_bank(scheme: str):

@@ -1,0 +1,86 @@
+"""torch-facing calls of localv3's CPU kernels (quant_products.c): products of block-quantised
+weights with a few float32 activation rows, for the modules in localv3.formats.modules.
+
+They serve decode-sized calls (at most DECODE_TOKENS rows): there the product is a matter of
+reading the weights, which these kernels do near the memory bandwidth. Larger calls (prefill
+chunks) are compute-bound and stay with ggml's matrix-matrix kernels. Every function returns
+None when the kernels cannot take the call, and the caller uses ggml.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from localv3.formats import ggml
+from localv3.formats.table import BlockType
+from localv3.kernels.build import library
+
+# Rows up to which these kernels beat ggml's (benchmarks/expert_kernels.py): each weight row is
+# read once and dotted with every activation row while it is in the L1 cache.
+DECODE_TOKENS = 8
+
+
+class KernelError(RuntimeError):
+    """A kernel refused a call it was checked to take (a bug, not bad input)."""
+
+
+def takes(tokens: int, *block_types: BlockType) -> bool:
+    """Whether a call with `tokens` activation rows over these block types runs here."""
+    kernels = library()
+    return (
+        kernels is not None
+        and 1 <= tokens <= DECODE_TOKENS
+        and all(kernels.lv3_supports(block_type.ggml_type) for block_type in block_types)
+    )
+
+
+def _checked(status: int, what: str) -> None:
+    if status != 0:
+        raise KernelError(f"{what} failed (status {status})")
+
+
+def _pointer(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def matmul(weights: torch.Tensor, block_type: BlockType, in_features: int, x: torch.Tensor) -> torch.Tensor | None:
+    """weights uint8 [G, rows, row_bytes] (or [rows, row_bytes]), x float32 [G, T, in] (or [T, in])
+    -> [G, T, rows] (or [T, rows]): each group's matrix times its own activation rows."""
+    grouped = weights.dim() == 3
+    groups, rows = (weights.shape[0], weights.shape[1]) if grouped else (1, weights.shape[0])
+    tokens = x.shape[-2]
+    if not takes(tokens, block_type):
+        return None
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+    status = library().lv3_matmul(
+        block_type.ggml_type, _pointer(weights), weights[0].nbytes if grouped else 0, rows, in_features,
+        _pointer(x), tokens * in_features, tokens, _pointer(out), tokens * rows, groups, ggml.compute_threads(),
+    )  # fmt: skip
+    _checked(status, "lv3_matmul")
+    return out
+
+
+def swiglu_experts(
+    gate: torch.Tensor, up: torch.Tensor, gate_type: BlockType, down: torch.Tensor, down_type: BlockType,
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+) -> torch.Tensor | None:  # fmt: skip
+    """SwiGLU experts over block-quantised matrices: gate and up uint8 [E, I, row_bytes] (views
+    whose expert stride is gate.stride(0), shared by up), down [E, D, row_bytes]; x float32
+    [T, D], ids int32 [T, k] (the matrices chosen), weights [T, k] -> [T, D], the weighted sum
+    of each token's experts' outputs."""
+    tokens, k = ids.shape
+    if not takes(tokens, gate_type, down_type) or gate.stride(0) != up.stride(0):
+        return None
+    dim, hidden = down.shape[1], gate.shape[1]
+    x = x.to(torch.float32).contiguous()
+    ids = ids.to(torch.int32).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(tokens, dim, dtype=torch.float32)
+    status = library().lv3_swiglu_experts(
+        gate_type.ggml_type, _pointer(gate), _pointer(up), gate.stride(0), down_type.ggml_type, _pointer(down),
+        down.stride(0), dim, hidden, _pointer(x), tokens, _pointer(ids), _pointer(weights), k, _pointer(out),
+        ggml.compute_threads(),
+    )  # fmt: skip
+    _checked(status, "lv3_swiglu_experts")
+    return out

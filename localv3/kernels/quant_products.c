@@ -1,0 +1,426 @@
+/* localv3's CPU products of block-quantised weights with a few activation rows (decoding).
+ *
+ * Weights stay in ggml's block layouts (Q4_K, Q8_0, Q4_0), read where they lie (a checkpoint's
+ * memory or a memory-mapped GGUF). Activations are quantised to 8 bits once per call (one
+ * scale per 256 values for Q4_K, per 32 for the others), and each weight row is dotted with
+ * every activation row while it is in the L1 cache, so a matrix is read from memory once per
+ * call whatever the token count.
+ *
+ * What makes it fast at batch 1 is the memory side: each row kernel prefetches the weight
+ * bytes PREFETCH_AHEAD bytes in front of the ones it reads, so that the core keeps many cache
+ * lines in flight while it computes. Without that a quantised matrix-vector product spends its
+ * time waiting on one line after another (ggml's kernels read ~6 GB/s per core here, against
+ * ~11 GB/s a plain read gets); with it the products run near the core's read bandwidth.
+ *
+ * Built by localv3/kernels/build.py with the host compiler's -march=native: the AVX-512BW
+ * kernels where the CPU has them, else the AVX2 ones (FMA and F16C too); without either this
+ * file does not compile and localv3 keeps ggml's kernels.
+ *
+ * Threads: OpenMP, one parallel region per call, rows split evenly between the threads.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
+#define LV3_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LV3_AVX512 0
+#else
+#error "localv3's CPU kernels need AVX2 with FMA and F16C, or AVX-512BW"
+#endif
+
+enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12 }; /* enum ggml_type */
+
+#define PREFETCH_AHEAD 4096 /* bytes; measured best at 2-8 KB on a V3 expert (2 threads) */
+#define MAX_TOKENS 16       /* activation rows per call: a decode step, an MTP draft or verify */
+
+/* ----- block layouts ---------------------------------------------------------------------- */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_k; /* 144 bytes */
+typedef struct { uint16_t d; int8_t qs[32]; } __attribute__((packed)) block_q8_0;     /* 34 bytes */
+typedef struct { uint16_t d; uint8_t qs[16]; } __attribute__((packed)) block_q4_0;    /* 18 bytes */
+
+/* Activations for Q4_K: 256 values, one scale, the sums of each 32-value sub-block. With
+ * AVX-512 the values are stored in the order of a 64-byte load of Q4_K nibbles (sub-blocks
+ * 0,2 | 1,3 | 4,6 | 5,7: low nibbles of qs[0:64] are weights 0-31 and 64-95, high nibbles
+ * 32-63 and 96-127); with AVX2 in their natural order (32-byte loads). */
+typedef struct { int8_t q[256]; float d; int16_t bsum[8]; uint8_t pad[12]; } act_256; /* 288 bytes */
+/* Activations for Q8_0 and Q4_0: 32 values, one scale, their sum. */
+typedef struct { int8_t q[32]; float d; int32_t sum; } act_32; /* 40 bytes */
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static float max_abs(const float *x, int n) {
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    return amax;
+}
+
+/* x[n] -> q[n] int8 with q * d ~ x; returns d */
+static float quantize_8bit(const float *x, int n, int8_t *q) {
+    float d = max_abs(x, n) / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
+    for (int i = 0; i < n; i++) q[i] = (int8_t)lrintf(x[i] * inverse);
+    return d;
+}
+
+static void quantize_256(const float *x, int n, act_256 *out) {
+#if LV3_AVX512
+    static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* sub-block stored in each 32-byte slot */
+#else
+    static const int order[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+    for (int b = 0; b < n / 256; b++) {
+        int8_t q[256];
+        out[b].d = quantize_8bit(x + 256 * b, 256, q);
+        for (int s = 0; s < 8; s++) {
+            int sum = 0;
+            for (int i = 0; i < 32; i++) sum += q[32 * s + i];
+            out[b].bsum[s] = (int16_t)sum;
+            memcpy(out[b].q + 32 * s, q + 32 * order[s], 32);
+        }
+    }
+}
+
+static void quantize_32(const float *x, int n, act_32 *out) {
+    for (int b = 0; b < n / 32; b++) {
+        out[b].d = quantize_8bit(x + 32 * b, 32, out[b].q);
+        int sum = 0;
+        for (int i = 0; i < 32; i++) sum += out[b].q[i];
+        out[b].sum = sum;
+    }
+}
+
+/* Q4_K's 6-bit scales and mins of the 8 sub-blocks, as 8 bytes each */
+static inline void q4_k_scales(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
+    uint32_t w0, w1, w2;
+    memcpy(&w0, s, 4);
+    memcpy(&w1, s + 4, 4);
+    memcpy(&w2, s + 8, 4);
+    uint32_t scales_hi = (w2 & 0x0f0f0f0f) | (((w0 >> 6) & 0x03030303) << 4);
+    uint32_t mins_hi = ((w2 >> 4) & 0x0f0f0f0f) | (((w1 >> 6) & 0x03030303) << 4);
+    *scales = (uint64_t)(w0 & 0x3f3f3f3f) | ((uint64_t)scales_hi << 32);
+    *mins = (uint64_t)(w1 & 0x3f3f3f3f) | ((uint64_t)mins_hi << 32);
+}
+
+static inline void prefetch_lines(const uint8_t *p, int lines) {
+    for (int i = 0; i < lines; i++) _mm_prefetch((const char *)(p + PREFETCH_AHEAD + 64 * i), _MM_HINT_T0);
+}
+
+static inline float sum_m128(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+static inline float sum_m256(__m256 v) {
+    return sum_m128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+static inline int sum_epi32_m128(__m128i v) {
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1)));
+}
+
+/* Row kernels: out[t * out_stride] = row . activation row t, for t < tokens; nb blocks a row.
+ * Each weight block is loaded and unpacked once and used for every token. */
+
+/* ----- Q4_K ------------------------------------------------------------------------------- */
+static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    float mins_total[MAX_TOKENS] = {0};
+#if LV3_AVX512
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    /* int16 scales per 128-bit quarter: quarters 0-1 take one sub-block's scale, 2-3 another's */
+    const __m512i pick[4] = {
+        _mm512_set_epi64(0x0504050405040504, 0x0504050405040504, 0x0504050405040504, 0x0504050405040504,
+                         0x0100010001000100, 0x0100010001000100, 0x0100010001000100, 0x0100010001000100),
+        _mm512_set_epi64(0x0706070607060706, 0x0706070607060706, 0x0706070607060706, 0x0706070607060706,
+                         0x0302030203020302, 0x0302030203020302, 0x0302030203020302, 0x0302030203020302),
+        _mm512_set_epi64(0x0d0c0d0c0d0c0d0c, 0x0d0c0d0c0d0c0d0c, 0x0d0c0d0c0d0c0d0c, 0x0d0c0d0c0d0c0d0c,
+                         0x0908090809080908, 0x0908090809080908, 0x0908090809080908, 0x0908090809080908),
+        _mm512_set_epi64(0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e,
+                         0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a),
+    };
+    __m512 sums[MAX_TOKENS];
+    for (int t = 0; t < tokens; t++) sums[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q4_k *w = (const block_q4_k *)row + b;
+        prefetch_lines((const uint8_t *)w, 3);
+        uint64_t sc, mn;
+        q4_k_scales(w->scales, &sc, &mn);
+        const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
+        const __m512i q0 = _mm512_loadu_si512(w->qs), q1 = _mm512_loadu_si512(w->qs + 64);
+        const __m512i nib[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
+                                _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
+        const __m512i scale[4] = {_mm512_shuffle_epi8(sc16, pick[0]), _mm512_shuffle_epi8(sc16, pick[1]),
+                                  _mm512_shuffle_epi8(sc16, pick[2]), _mm512_shuffle_epi8(sc16, pick[3])};
+        const float d = half_to_float(w->d), dmin = half_to_float(w->dmin);
+        for (int t = 0; t < tokens; t++) {
+            const act_256 *a = (const act_256 *)(act + t * act_bytes) + b;
+            __m512i acc = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++)
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(nib[i], _mm512_loadu_si512(a->q + 64 * i)), scale[i]));
+            sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(d * a->d), sums[t]);
+            mins_total[t] += dmin * a->d * (float)sum_epi32_m128(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum)));
+        }
+    }
+    for (int t = 0; t < tokens; t++) out[t * out_stride] = _mm512_reduce_add_ps(sums[t]) - mins_total[t];
+#else
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256 sums[MAX_TOKENS];
+    for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q4_k *w = (const block_q4_k *)row + b;
+        prefetch_lines((const uint8_t *)w, 3);
+        uint64_t sc, mn;
+        q4_k_scales(w->scales, &sc, &mn);
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
+        __m256i nib[8], scale[8];
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
+            nib[2 * j] = _mm256_and_si256(q, low4);
+            nib[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        }
+        for (int s = 0; s < 8; s++) scale[s] = _mm256_set1_epi16((short)((sc >> (8 * s)) & 0xff));
+        const float d = half_to_float(w->d), dmin = half_to_float(w->dmin);
+        for (int t = 0; t < tokens; t++) {
+            const act_256 *a = (const act_256 *)(act + t * act_bytes) + b;
+            __m256i acc = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++)
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nib[s], _mm256_loadu_si256((const __m256i *)(a->q + 32 * s))), scale[s]));
+            sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(d * a->d), sums[t]);
+            mins_total[t] += dmin * a->d * (float)sum_epi32_m128(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum)));
+        }
+    }
+    for (int t = 0; t < tokens; t++) out[t * out_stride] = sum_m256(sums[t]) - mins_total[t];
+#endif
+}
+
+/* ----- Q8_0 and Q4_0: 32 signed 8-bit weights per block (Q4_0's nibbles minus 8) ---------- */
+static inline __m256i q4_0_values(const block_q4_0 *w) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)w->qs), low4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, low4), eight), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), low4), eight);
+    return _mm256_set_m128i(hi, lo); /* elements 0-15 are the low nibbles, 16-31 the high ones */
+}
+
+static inline __m256i block_values(const uint8_t *row, int type, int b) {
+    if (type == TYPE_Q8_0) return _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)row + b)->qs);
+    return q4_0_values((const block_q4_0 *)row + b);
+}
+
+static inline float block_scale(const uint8_t *row, int type, int b) {
+    return half_to_float(type == TYPE_Q8_0 ? ((const block_q8_0 *)row + b)->d : ((const block_q4_0 *)row + b)->d);
+}
+
+/* sum of w * a over 32 signed bytes each, as 8 int32 lanes (|w| and a with w's sign: maddubs) */
+static inline __m256i dot_32(__m256i w, __m256i a) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1));
+}
+
+static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    const int block_bytes = type == TYPE_Q8_0 ? (int)sizeof(block_q8_0) : (int)sizeof(block_q4_0);
+    int b = 0;
+#if LV3_AVX512
+    const int lines = (2 * block_bytes + 63) / 64;
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512 wide[MAX_TOKENS];
+    for (int t = 0; t < tokens; t++) wide[t] = _mm512_setzero_ps();
+    for (; b + 1 < nb; b += 2) {
+        prefetch_lines(row + b * block_bytes, lines);
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(block_values(row, type, b)), block_values(row, type, b + 1), 1);
+        const __m512i magnitude = _mm512_abs_epi8(w);
+        const __mmask64 negative = _mm512_movepi8_mask(w);
+        const __m512 scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(block_scale(row, type, b)), _mm512_set1_ps(block_scale(row, type, b + 1)));
+        for (int t = 0; t < tokens; t++) {
+            const act_32 *a = (const act_32 *)(act + t * act_bytes) + b;
+            const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[0].q)), _mm256_loadu_si256((const __m256i *)a[1].q), 1);
+            const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+            const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(magnitude, signed_x), ones);
+            const __m512 both = _mm512_mul_ps(scale, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a[0].d), _mm512_set1_ps(a[1].d)));
+            wide[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), both, wide[t]);
+        }
+    }
+#endif
+    __m256 sums[MAX_TOKENS];
+    for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
+    for (; b < nb; b++) {
+        prefetch_lines(row + b * block_bytes, 1);
+        const __m256i w = block_values(row, type, b);
+        const float scale = block_scale(row, type, b);
+        for (int t = 0; t < tokens; t++) {
+            const act_32 *a = (const act_32 *)(act + t * act_bytes) + b;
+            const __m256i dot = dot_32(w, _mm256_loadu_si256((const __m256i *)a->q));
+            sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale * a->d), sums[t]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) {
+        float total = sum_m256(sums[t]);
+#if LV3_AVX512
+        total += _mm512_reduce_add_ps(wide[t]);
+#endif
+        out[t * out_stride] = total;
+    }
+}
+
+/* ----- types ------------------------------------------------------------------------------ */
+typedef struct {
+    int block;            /* weights per block */
+    size_t block_bytes;   /* bytes per weight block */
+    size_t act_bytes;     /* bytes per activation block */
+} type_info;
+
+static int type_info_of(int type, type_info *info) {
+    switch (type) {
+    case TYPE_Q4_K: *info = (type_info){256, sizeof(block_q4_k), sizeof(act_256)}; return 1;
+    case TYPE_Q8_0: *info = (type_info){32, sizeof(block_q8_0), sizeof(act_32)}; return 1;
+    case TYPE_Q4_0: *info = (type_info){32, sizeof(block_q4_0), sizeof(act_32)}; return 1;
+    default: return 0;
+    }
+}
+
+static void quantize_activation(int type, const float *x, int n, uint8_t *out) {
+    if (type == TYPE_Q4_K) quantize_256(x, n, (act_256 *)out);
+    else quantize_32(x, n, (act_32 *)out);
+}
+
+static void row_product(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    if (type == TYPE_Q4_K) row_q4_k(row, act, act_bytes, tokens, nb, out, out_stride);
+    else row_32(type, row, act, act_bytes, tokens, nb, out, out_stride);
+}
+
+/* A per-thread scratch buffer that only grows: no allocation per call once warm. */
+static __thread uint8_t *scratch_memory;
+static __thread size_t scratch_size;
+
+static size_t align64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+static uint8_t *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_memory);
+        scratch_size = 0;
+        if (posix_memalign((void **)&scratch_memory, 64, bytes)) return scratch_memory = NULL;
+        scratch_size = bytes;
+    }
+    return scratch_memory;
+}
+
+/* ----- entry points ----------------------------------------------------------------------- */
+int lv3_supports(int type) {
+    type_info info;
+    return type_info_of(type, &info);
+}
+
+int lv3_max_tokens(void) { return MAX_TOKENS; }
+
+int lv3_avx512(void) { return LV3_AVX512; }
+
+/* For each of `groups` groups g: out_g [tokens, rows] = x_g [tokens, n] . W_g [rows, n]^T, where
+ * W_g is at w + g * w_group_bytes, x_g at x + g * x_group_floats, out_g at out + g * out_group_floats.
+ * Returns 0, or -1 for a type this file has no kernel for or too many tokens, -2 out of memory. */
+int lv3_matmul(int type, const uint8_t *w, size_t w_group_bytes, long rows, int n, const float *x, size_t x_group_floats,
+               int tokens, float *out, size_t out_group_floats, int groups, int threads) {
+    type_info info;
+    if (!type_info_of(type, &info) || tokens < 1 || tokens > MAX_TOKENS || n % info.block) return -1;
+    const int nb = n / info.block;
+    const size_t act_row = nb * info.act_bytes, row_bytes = nb * info.block_bytes;
+    uint8_t *act = scratch((size_t)groups * tokens * act_row);
+    if (!act) return -2;
+    const long work = (long)groups * rows;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)groups * tokens; i++)
+            quantize_activation(type, x + (i / tokens) * x_group_floats + (i % tokens) * n, n, act + i * act_row);
+#pragma omp for schedule(static)
+        for (long i = 0; i < work; i++) {
+            const long g = i / rows, r = i % rows;
+            row_product(type, w + g * w_group_bytes + r * row_bytes, act + g * tokens * act_row, act_row, tokens, nb,
+                        out + g * out_group_floats + r, rows);
+        }
+    }
+    return 0;
+}
+
+/* SwiGLU experts: for token t and its j-th choice e = ids[t, j], with W at base + e * stride:
+ * y = down_e (silu(gate_e x_t) * up_e x_t), and out[t] = sum_j weights[t, j] * y.
+ * gate and up: [hidden, dim] of `gate_type`; down: [dim, hidden] of `down_type`. A dense SwiGLU
+ * MLP is one expert chosen by every token with weight 1. Each matrix an expert's tokens need is
+ * read once. Returns as lv3_matmul. */
+int lv3_swiglu_experts(int gate_type, const uint8_t *gate, const uint8_t *up, size_t gate_up_stride, int down_type,
+                       const uint8_t *down, size_t down_stride, int dim, int hidden, const float *x, int tokens,
+                       const int32_t *ids, const float *weights, int k, float *out, int threads) {
+    type_info gi, di;
+    if (!type_info_of(gate_type, &gi) || !type_info_of(down_type, &di) || tokens < 1 || tokens > MAX_TOKENS ||
+        k < 1 || k > 64 || dim % gi.block || hidden % di.block)
+        return -1;
+    const int pairs = tokens * k, gate_nb = dim / gi.block, down_nb = hidden / di.block;
+    const size_t x_act = gate_nb * gi.act_bytes, h_act = down_nb * di.act_bytes;
+    const size_t gate_row = gate_nb * gi.block_bytes, down_row = down_nb * di.block_bytes;
+
+    /* the pairs (t, j) sorted by expert, and the runs of one expert: groups */
+    int order[MAX_TOKENS * 64], position[MAX_TOKENS * 64], group_start[MAX_TOKENS * 64 + 1], groups = 0;
+    for (int p = 0; p < pairs; p++) {
+        int q = p;
+        while (q > 0 && ids[order[q - 1]] > ids[p]) order[q] = order[q - 1], q--;
+        order[q] = p;
+    }
+    for (int p = 0; p < pairs; p++) position[order[p]] = p;
+    for (int p = 0; p < pairs; p++)
+        if (p == 0 || ids[order[p]] != ids[order[p - 1]]) group_start[groups++] = p;
+    group_start[groups] = pairs;
+
+    /* scratch: x's activations in `order` (pair p's token at slot p), gate then up of every
+       pair, the hidden values' activations, each pair's output (all 64-byte aligned) */
+    const size_t x_bytes = align64(pairs * x_act), gu_bytes = align64(2 * (size_t)pairs * hidden * sizeof(float));
+    const size_t h_bytes = align64(pairs * h_act), y_bytes = (size_t)pairs * dim * sizeof(float);
+    uint8_t *memory = scratch(x_bytes + gu_bytes + h_bytes + y_bytes);
+    if (!memory) return -2;
+    uint8_t *xa = memory, *ha = memory + x_bytes + gu_bytes;
+    float *gu = (float *)(memory + x_bytes), *y = (float *)(ha + h_bytes);
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) {  /* quantise the token once, copy it to its other slots */
+            const int first = position[t * k];
+            quantize_activation(gate_type, x + (size_t)t * dim, dim, xa + first * x_act);
+            for (int j = 1; j < k; j++) memcpy(xa + position[t * k + j] * x_act, xa + first * x_act, x_act);
+        }
+        /* each chosen expert's gate and up rows, for all of its tokens at once */
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)groups * hidden; i++) {
+            const int g = (int)(i / hidden), r = (int)(i % hidden), first = group_start[g], count = group_start[g + 1] - first;
+            const size_t expert = (size_t)ids[order[first]], offset = expert * gate_up_stride + r * gate_row;
+            float *slot = gu + (size_t)first * 2 * hidden + r;
+            row_product(gate_type, gate + offset, xa + first * x_act, x_act, count, gate_nb, slot, 2 * hidden);
+            row_product(gate_type, up + offset, xa + first * x_act, x_act, count, gate_nb, slot + hidden, 2 * hidden);
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < pairs; p++) {
+            float *slot = gu + (size_t)p * 2 * hidden;
+            for (int r = 0; r < hidden; r++) slot[r] = slot[r] / (1.f + expf(-slot[r])) * slot[hidden + r];
+            quantize_activation(down_type, slot, hidden, ha + p * h_act);
+        }
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)groups * dim; i++) {
+            const int g = (int)(i / dim), r = (int)(i % dim), first = group_start[g], count = group_start[g + 1] - first;
+            const size_t expert = (size_t)ids[order[first]];
+            row_product(down_type, down + expert * down_stride + r * down_row, ha + first * h_act, h_act, count, down_nb,
+                        y + (size_t)first * dim + r, dim);
+        }
+        /* out[t] = sum over j of weights[t, j] * output of (t, j), in j's order whatever the ids */
+#pragma omp for schedule(static)
+        for (int t = 0; t < tokens; t++) {
+            float *o = out + (size_t)t * dim;
+            memset(o, 0, dim * sizeof(float));
+            for (int j = 0; j < k; j++) {
+                const float weight = weights[t * k + j], *yp = y + (size_t)position[t * k + j] * dim;
+                for (int r = 0; r < dim; r++) o[r] += weight * yp[r];
+            }
+        }
+    }
+    return 0;
+}

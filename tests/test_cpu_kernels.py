@@ -1,0 +1,164 @@
+"""localv3's own CPU kernels (localv3/kernels): built for this machine, and exact against the
+formula they compute: the dequantised weights times the activations rounded to 8 bits per block
+(one scale per 256 values for Q4_K, per 32 for Q8_0 and Q4_0), for both instruction sets they
+are written for (AVX-512BW and AVX2: an AVX2 build runs on any machine that has AVX2)."""
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localv3.formats import ggml
+from localv3.formats.table import Q4_0, Q4_K, Q8_0
+from localv3.kernels import build, products
+
+SEEDS = (0, 1, 2)
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+EXACT = 1e-5  # float32 summation order; a wrong block layout or scale is off by ~1
+
+
+def cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def buildable_here() -> bool:
+    """x86-64 Linux with a C compiler and AVX2 (with FMA and F16C): the kernels must build."""
+    return platform.machine() == "x86_64" and build._compiler() is not None and {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+needs_build = pytest.mark.skipif(not buildable_here(), reason="needs x86-64 with AVX2 and a C compiler")
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(request, tmp_path_factory):
+    """The kernels as built for this machine (-march=native), and an AVX2-only build."""
+    if not buildable_here():
+        pytest.skip("needs x86-64 with AVX2 and a C compiler")
+    if request.param == "native":
+        return build.library()
+    library = build.KernelLibrary(build.compile_library(tmp_path_factory.mktemp("avx2"), AVX2_FLAGS))
+    assert library.lv3_avx512() == 0
+    return library
+
+
+@pytest.fixture
+def use(kernels, monkeypatch):
+    monkeypatch.setattr(products, "library", lambda: kernels)
+
+
+def rounded_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., n] -> what the kernels compute with: per block of `block` values, d = max|x| / 127
+    and x ~ d * round(x / d), in float32 as the kernels do."""
+    blocks = x.reshape(*x.shape[:-1], -1, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
+def quantised(values: torch.Tensor, block_type) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [..., rows, n] -> (blocks uint8 [..., rows, row bytes], their dequantised float64 values)."""
+    n = values.shape[-1]
+    blocks = ggml.quantize_rows(values.reshape(-1, n), block_type.ggml_type)
+    dense = ggml.dequantize_rows(blocks, block_type.ggml_type, n).double()
+    return blocks.view(*values.shape[:-1], -1), dense.view(values.shape)
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@needs_build
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("block_type,n", [(Q4_K, 768), (Q8_0, 96), (Q8_0, 512), (Q4_0, 96), (Q4_0, 160)], ids=lambda v: getattr(v, "name", v))
+def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block_type, n, seed):
+    """Groups of matrices, each with its own activation rows; row counts that do not split evenly
+    over threads, odd block counts (96 = 3 blocks of 32), up to the most tokens a call takes."""
+    g = torch.Generator().manual_seed(seed)
+    groups, rows = 3, 37
+    blocks, dense = quantised(torch.randn(groups, rows, n, generator=g), block_type)
+    for tokens in (1, 2, 5, products.DECODE_TOKENS):
+        x = torch.randn(groups, tokens, n, generator=g) * torch.rand(groups, tokens, 1, generator=g) * 4
+        expected = rounded_activations(x, block_type.block if block_type != Q4_K else 256).double() @ dense.transpose(1, 2)
+        assert rel_err(products.matmul(blocks, block_type, n, x), expected) < EXACT
+        assert rel_err(products.matmul(blocks[1], block_type, n, x[1]), expected[1]) < EXACT  # one matrix
+
+
+@needs_build
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("gate_type,down_type", [(Q4_K, Q4_K), (Q4_K, Q8_0), (Q8_0, Q4_0)], ids=lambda t: t.name)
+def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, down_type, seed):
+    """Each token's chosen experts (several tokens sharing some), weighted and summed; the expert
+    matrices are views into one tensor per projection, as a GGUF's are."""
+    g = torch.Generator().manual_seed(seed)
+    n_experts, dim, hidden, k = 5, 512, 256, 3
+    gate, gate_dense = quantised(torch.randn(n_experts, hidden, dim, generator=g), gate_type)
+    up, up_dense = quantised(torch.randn(n_experts, hidden, dim, generator=g), gate_type)
+    down, down_dense = quantised(torch.randn(n_experts, dim, hidden, generator=g) / 8, down_type)
+    gate_block = 256 if gate_type == Q4_K else 32
+    down_block = 256 if down_type == Q4_K else 32
+    for tokens in (1, 4, products.DECODE_TOKENS):
+        x = torch.randn(tokens, dim, generator=g)
+        ids = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).int()  # [T, k]
+        weights = torch.rand(tokens, k, generator=g)
+        expected = torch.zeros(tokens, dim, dtype=torch.float64)
+        for t in range(tokens):
+            xt = rounded_activations(x[t], gate_block).double()
+            for j in range(k):
+                e = int(ids[t, j])
+                h = (F.silu(gate_dense[e] @ xt) * (up_dense[e] @ xt)).float()
+                expected[t] += weights[t, j].double() * (down_dense[e] @ rounded_activations(h, down_block).double())
+        got = products.swiglu_experts(gate, up, gate_type, down, down_type, x, ids, weights)
+        # the hidden values are rounded to 8 bits after float32 arithmetic that may differ in the
+        # last bit from torch's: a rare value rounds to the next step (1/127 of its block's largest)
+        assert rel_err(got, expected) < 1e-3
+
+
+@needs_build
+def test_calls_the_kernels_do_not_take_fall_back():
+    blocks, _ = quantised(torch.randn(4, 256), Q4_K)
+    assert products.matmul(blocks, Q4_K, 256, torch.randn(products.DECODE_TOKENS + 1, 256)) is None  # prefill: ggml's
+    q6_k = type(Q4_K)("q6_k", 14, 256, 210)
+    assert not products.takes(1, q6_k) and products.takes(1, Q4_K, Q8_0, Q4_0)
+
+
+@needs_build
+def test_the_library_is_built_once_and_then_loaded(tmp_path):
+    first = build.compile_library(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build.compile_library(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left
+
+
+def test_without_a_compiler_ggml_is_used_after_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOCALV3_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    build.library.cache_clear()
+    try:
+        assert build.library() is None
+        warning = capsys.readouterr().err.strip().splitlines()
+        assert len(warning) == 1 and "could not be built" in warning[0] and "ggml" in warning[0]
+        build.library.cache_clear()
+        assert build.library() is None and capsys.readouterr().err == ""  # the reason is remembered
+    finally:
+        build.library.cache_clear()
+
+
+def test_the_switch_keeps_ggml(monkeypatch):
+    monkeypatch.setenv(build.SWITCH, "ggml")
+    build.library.cache_clear()
+    try:
+        assert build.library() is None and not products.takes(1, Q4_K)
+    finally:
+        build.library.cache_clear()
+
+
+@needs_build
+def test_the_kernels_build_on_this_machine():
+    library = build.library()
+    assert library is not None and library.lv3_supports(Q4_K.ggml_type) and library.lv3_max_tokens() >= products.DECODE_TOKENS
