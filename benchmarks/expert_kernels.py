@@ -4,8 +4,8 @@
 One MoE layer's bank of `--experts` V3 routed experts (gate+up [4096, 7168], down [7168, 2048])
 in each format, called as the engine calls it (`QuantExpertBank.forward`), at T = 1, 2, 4, 8, 64
 tokens with top-8 routing, plus one expert alone at T = 1; with each of `--kernels`: localv3's
-own CPU kernels (calls of up to DECODE_TOKENS tokens; larger ones are ggml's either way) and
-ggml's mul_mat_id graph.
+own CPU kernels (all of these calls: at T = 64 each chosen expert gets 16 rows, under
+EXPERT_ROWS) and ggml's mul_mat_id graph.
 Effective GB/s = bytes of the distinct experts the call reads / median time. The bandwidth probe
 is localv3.offload.hardware.measure_cpu (an fp32 matrix-vector product over 512 MiB). Experts differ
 from call to call and the bank is larger than the caches, so the weights stream from RAM.
@@ -30,7 +30,7 @@ import torch
 from localv3.formats.blocks import quantize_weight
 from localv3.formats.modules import QuantExpertBank
 from localv3.formats.table import FORMATS
-from localv3.kernels import build, products
+from localv3.kernels import build
 from localv3.offload.hardware import measure_cpu
 
 DIM, HIDDEN, TOP_K = 7168, 2048, 8
@@ -97,8 +97,7 @@ def measure(kernels: str, bank: QuantExpertBank, scheme: str, repeats: int, prob
     per_expert = expert_bytes(bank)
     gen = torch.Generator().manual_seed(1)
     rows = []
-    counts = [t for t in TOKEN_COUNTS if kernels == "ggml" or t <= products.DECODE_TOKENS]
-    for tokens, top_k in [(1, 1)] + [(t, TOP_K) for t in counts]:
+    for tokens, top_k in [(1, 1)] + [(t, TOP_K) for t in TOKEN_COUNTS]:
         median, distinct = time_calls(bank, tokens, top_k, repeats, gen)
         gb_s = distinct * per_expert / median / 1e9
         label = f"{scheme} {'1 expert' if top_k == 1 else 'top-8'}"

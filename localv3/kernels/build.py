@@ -28,7 +28,6 @@ SWITCH = "LOCALV3_CPU_KERNELS"  # "ggml": do not use these kernels
 P, I, L, SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_size_t
 _SIGNATURES = {  # name -> (result, arguments)
     "lv3_supports": (I, [I]),
-    "lv3_max_tokens": (I, []),
     "lv3_avx512": (I, []),
     "lv3_matmul": (I, [I, P, SIZE, L, I, P, SIZE, I, P, SIZE, I, I]),
     "lv3_swiglu_experts": (I, [I, P, P, SIZE, I, P, SIZE, I, I, P, I, P, P, I, P, I]),

@@ -3,8 +3,10 @@ weights with a few float32 activation rows, for the modules in localv3.formats.m
 
 They serve decode-sized calls (at most DECODE_TOKENS rows): there the product is a matter of
 reading the weights, which these kernels do near the memory bandwidth. Larger calls (prefill
-chunks) are compute-bound and stay with ggml's matrix-matrix kernels. Every function returns
-None when the kernels cannot take the call, and the caller uses ggml.
+chunks) are compute-bound; ggml's matrix-matrix kernels are faster there, except for routed
+experts that get few rows each (a 512-token chunk of DeepSeek-V3 gives each of its 256 experts
+16 on average), where ours are. Every function returns None when the kernels do not take the
+call, and the caller uses ggml's.
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ from localv3.kernels.build import library
 # Rows up to which these kernels beat ggml's (benchmarks/expert_kernels.py): each weight row is
 # read once and dotted with every activation row while it is in the L1 cache.
 DECODE_TOKENS = 8
+# Routed experts: the mean rows per chosen expert up to which ours beat ggml's mul_mat_id. On the
+# 2-core development machine (V3 experts, Q4_K, 2 threads): 16 rows 331 vs 544 ms, 32 rows 633
+# vs 650 ms, 64 rows 1311 vs 994 ms: ours stay at ~138 GFLOP/s while ggml's grow with the rows.
+EXPERT_ROWS = 32
 
 
 class KernelError(RuntimeError):
     """A kernel refused a call it was checked to take (a bug, not bad input)."""
 
 
-def takes(tokens: int, *block_types: BlockType) -> bool:
-    """Whether a call with `tokens` activation rows over these block types runs here."""
+def takes(*block_types: BlockType) -> bool:
+    """Whether these kernels are here and compute these block types."""
     kernels = library()
-    return (
-        kernels is not None
-        and 1 <= tokens <= DECODE_TOKENS
-        and all(kernels.lv3_supports(block_type.ggml_type) for block_type in block_types)
-    )
+    return kernels is not None and all(kernels.lv3_supports(block_type.ggml_type) for block_type in block_types)
 
 
 def _checked(status: int, what: str) -> None:
@@ -49,7 +51,7 @@ def matmul(weights: torch.Tensor, block_type: BlockType, in_features: int, x: to
     grouped = weights.dim() == 3
     groups, rows = (weights.shape[0], weights.shape[1]) if grouped else (1, weights.shape[0])
     tokens = x.shape[-2]
-    if not takes(tokens, block_type):
+    if not 1 <= tokens <= DECODE_TOKENS or not takes(block_type):
         return None
     x = x.to(torch.float32).contiguous()
     out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
@@ -68,9 +70,11 @@ def swiglu_experts(
     """SwiGLU experts over block-quantised matrices: gate and up uint8 [E, I, row_bytes] (views
     whose expert stride is gate.stride(0), shared by up), down [E, D, row_bytes]; x float32
     [T, D], ids int32 [T, k] (the matrices chosen), weights [T, k] -> [T, D], the weighted sum
-    of each token's experts' outputs."""
+    of each token's experts' outputs. A dense SwiGLU MLP is one expert every token chooses."""
     tokens, k = ids.shape
-    if not takes(tokens, gate_type, down_type) or gate.stride(0) != up.stride(0):
+    if not tokens or not takes(gate_type, down_type) or gate.stride(0) != up.stride(0):
+        return None
+    if tokens > DECODE_TOKENS and tokens * k > EXPERT_ROWS * ids.unique().numel():
         return None
     dim, hidden = down.shape[1], gate.shape[1]
     x = x.to(torch.float32).contiguous()

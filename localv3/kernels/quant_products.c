@@ -18,6 +18,7 @@
  *
  * Threads: OpenMP, one parallel region per call, rows split evenly between the threads.
  */
+#define _GNU_SOURCE /* qsort_r */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #include <immintrin.h>
+#include <omp.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
 #define LV3_AVX512 1
@@ -37,7 +39,7 @@
 enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12 }; /* enum ggml_type */
 
 #define PREFETCH_AHEAD 4096 /* bytes; measured best at 2-8 KB on a V3 expert (2 threads) */
-#define MAX_TOKENS 16       /* activation rows per call: a decode step, an MTP draft or verify */
+#define TILE_TOKENS 16      /* activation rows a row kernel takes at once (its accumulators) */
 
 /* ----- block layouts ---------------------------------------------------------------------- */
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_k; /* 144 bytes */
@@ -119,17 +121,26 @@ static inline float sum_m256(__m256 v) {
     return sum_m128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
-static inline int sum_epi32_m128(__m128i v) {
-    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
-    return _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1)));
-}
-
-/* Row kernels: out[t * out_stride] = row . activation row t, for t < tokens; nb blocks a row.
- * Each weight block is loaded and unpacked once and used for every token. */
+/* Row kernels: out[t * out_stride] = row . activation row t, for t < tokens <= TILE_TOKENS; nb
+ * blocks a row. Each weight block is loaded and unpacked once and used for every token. */
 
 /* ----- Q4_K ------------------------------------------------------------------------------- */
-static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
-    float mins_total[MAX_TOKENS] = {0};
+#if LV3_AVX512
+/* acc + the int16 pairs of p times the int16 scales, summed in pairs into int32 lanes */
+static inline __m512i add_scaled_pairs(__m512i acc, __m512i p, __m512i scale) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, p, scale);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, scale));
+#endif
+}
+#endif
+
+#define ROW_KERNEL static inline __attribute__((always_inline)) void
+
+ROW_KERNEL row_q4_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    __m128 mins[TILE_TOKENS]; /* per token: 4 lanes of dmin * da * (mins . sub-block sums) */
+    for (int t = 0; t < tokens; t++) mins[t] = _mm_setzero_ps();
 #if LV3_AVX512
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     /* int16 scales per 128-bit quarter: quarters 0-1 take one sub-block's scale, 2-3 another's */
@@ -143,7 +154,7 @@ static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, i
         _mm512_set_epi64(0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e, 0x0f0e0f0e0f0e0f0e,
                          0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a, 0x0b0a0b0a0b0a0b0a),
     };
-    __m512 sums[MAX_TOKENS];
+    __m512 sums[TILE_TOKENS];
     for (int t = 0; t < tokens; t++) sums[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const block_q4_k *w = (const block_q4_k *)row + b;
@@ -161,16 +172,15 @@ static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, i
         for (int t = 0; t < tokens; t++) {
             const act_256 *a = (const act_256 *)(act + t * act_bytes) + b;
             __m512i acc = _mm512_setzero_si512();
-            for (int i = 0; i < 4; i++)
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(nib[i], _mm512_loadu_si512(a->q + 64 * i)), scale[i]));
+            for (int i = 0; i < 4; i++) acc = add_scaled_pairs(acc, _mm512_maddubs_epi16(nib[i], _mm512_loadu_si512(a->q + 64 * i)), scale[i]);
             sums[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(d * a->d), sums[t]);
-            mins_total[t] += dmin * a->d * (float)sum_epi32_m128(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum)));
+            mins[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum))), _mm_set1_ps(dmin * a->d), mins[t]);
         }
     }
-    for (int t = 0; t < tokens; t++) out[t * out_stride] = _mm512_reduce_add_ps(sums[t]) - mins_total[t];
+    for (int t = 0; t < tokens; t++) out[t * out_stride] = _mm512_reduce_add_ps(sums[t]) - sum_m128(mins[t]);
 #else
     const __m256i low4 = _mm256_set1_epi8(0x0f);
-    __m256 sums[MAX_TOKENS];
+    __m256 sums[TILE_TOKENS];
     for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const block_q4_k *w = (const block_q4_k *)row + b;
@@ -192,10 +202,10 @@ static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, i
             for (int s = 0; s < 8; s++)
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(nib[s], _mm256_loadu_si256((const __m256i *)(a->q + 32 * s))), scale[s]));
             sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(d * a->d), sums[t]);
-            mins_total[t] += dmin * a->d * (float)sum_epi32_m128(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum)));
+            mins[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)a->bsum))), _mm_set1_ps(dmin * a->d), mins[t]);
         }
     }
-    for (int t = 0; t < tokens; t++) out[t * out_stride] = sum_m256(sums[t]) - mins_total[t];
+    for (int t = 0; t < tokens; t++) out[t * out_stride] = sum_m256(sums[t]) - sum_m128(mins[t]);
 #endif
 }
 
@@ -220,13 +230,13 @@ static inline __m256i dot_32(__m256i w, __m256i a) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1));
 }
 
-static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+ROW_KERNEL row_32_tokens(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
     const int block_bytes = type == TYPE_Q8_0 ? (int)sizeof(block_q8_0) : (int)sizeof(block_q4_0);
     int b = 0;
 #if LV3_AVX512
     const int lines = (2 * block_bytes + 63) / 64;
     const __m512i ones = _mm512_set1_epi16(1);
-    __m512 wide[MAX_TOKENS];
+    __m512 wide[TILE_TOKENS];
     for (int t = 0; t < tokens; t++) wide[t] = _mm512_setzero_ps();
     for (; b + 1 < nb; b += 2) {
         prefetch_lines(row + b * block_bytes, lines);
@@ -244,7 +254,7 @@ static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_
         }
     }
 #endif
-    __m256 sums[MAX_TOKENS];
+    __m256 sums[TILE_TOKENS];
     for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
     for (; b < nb; b++) {
         prefetch_lines(row + b * block_bytes, 1);
@@ -263,6 +273,18 @@ static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_
 #endif
         out[t * out_stride] = total;
     }
+}
+
+/* One activation row (decoding) gets its own copy of each kernel, compiled for that count: its
+ * accumulators live in registers, which matters for short rows (MLA's per-head W_UK: 4 blocks). */
+static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    if (tokens == 1) row_q4_k_tokens(row, act, act_bytes, 1, nb, out, out_stride);
+    else row_q4_k_tokens(row, act, act_bytes, tokens, nb, out, out_stride);
+}
+
+static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    if (tokens == 1) row_32_tokens(type, row, act, act_bytes, 1, nb, out, out_stride);
+    else row_32_tokens(type, row, act, act_bytes, tokens, nb, out, out_stride);
 }
 
 /* ----- types ------------------------------------------------------------------------------ */
@@ -286,9 +308,15 @@ static void quantize_activation(int type, const float *x, int n, uint8_t *out) {
     else quantize_32(x, n, (act_32 *)out);
 }
 
+/* any number of tokens, TILE_TOKENS at a time (the row stays in L1 between tiles) */
 static void row_product(int type, const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
-    if (type == TYPE_Q4_K) row_q4_k(row, act, act_bytes, tokens, nb, out, out_stride);
-    else row_32(type, row, act, act_bytes, tokens, nb, out, out_stride);
+    for (int first = 0; first < tokens; first += TILE_TOKENS) {
+        const int tile = tokens - first < TILE_TOKENS ? tokens - first : TILE_TOKENS;
+        const uint8_t *tile_act = act + first * act_bytes;
+        float *tile_out = out + first * out_stride;
+        if (type == TYPE_Q4_K) row_q4_k(row, tile_act, act_bytes, tile, nb, tile_out, out_stride);
+        else row_32(type, row, tile_act, act_bytes, tile, nb, tile_out, out_stride);
+    }
 }
 
 /* A per-thread scratch buffer that only grows: no allocation per call once warm. */
@@ -308,22 +336,25 @@ static uint8_t *scratch(size_t bytes) {
 }
 
 /* ----- entry points ----------------------------------------------------------------------- */
+static int by_expert(const void *a, const void *b, void *ids) {
+    const int pa = *(const int *)a, pb = *(const int *)b, ea = ((const int32_t *)ids)[pa], eb = ((const int32_t *)ids)[pb];
+    return ea != eb ? (ea > eb) - (ea < eb) : (pa > pb) - (pa < pb);
+}
+
 int lv3_supports(int type) {
     type_info info;
     return type_info_of(type, &info);
 }
 
-int lv3_max_tokens(void) { return MAX_TOKENS; }
-
 int lv3_avx512(void) { return LV3_AVX512; }
 
 /* For each of `groups` groups g: out_g [tokens, rows] = x_g [tokens, n] . W_g [rows, n]^T, where
  * W_g is at w + g * w_group_bytes, x_g at x + g * x_group_floats, out_g at out + g * out_group_floats.
- * Returns 0, or -1 for a type this file has no kernel for or too many tokens, -2 out of memory. */
+ * Returns 0, or -1 for a type this file has no kernel for (or a bad shape), -2 out of memory. */
 int lv3_matmul(int type, const uint8_t *w, size_t w_group_bytes, long rows, int n, const float *x, size_t x_group_floats,
                int tokens, float *out, size_t out_group_floats, int groups, int threads) {
     type_info info;
-    if (!type_info_of(type, &info) || tokens < 1 || tokens > MAX_TOKENS || n % info.block) return -1;
+    if (!type_info_of(type, &info) || tokens < 1 || n % info.block) return -1;
     const int nb = n / info.block;
     const size_t act_row = nb * info.act_bytes, row_bytes = nb * info.block_bytes;
     uint8_t *act = scratch((size_t)groups * tokens * act_row);
@@ -334,11 +365,13 @@ int lv3_matmul(int type, const uint8_t *w, size_t w_group_bytes, long rows, int 
 #pragma omp for schedule(static)
         for (long i = 0; i < (long)groups * tokens; i++)
             quantize_activation(type, x + (i / tokens) * x_group_floats + (i % tokens) * n, n, act + i * act_row);
-#pragma omp for schedule(static)
-        for (long i = 0; i < work; i++) {
-            const long g = i / rows, r = i % rows;
+        /* this thread's share of the rows, walked without a division per row (short rows are cheap) */
+        const long begin = work * omp_get_thread_num() / omp_get_num_threads(), end = work * (omp_get_thread_num() + 1) / omp_get_num_threads();
+        long g = begin / rows, r = begin % rows;
+        for (long i = begin; i < end; i++) {
             row_product(type, w + g * w_group_bytes + r * row_bytes, act + g * tokens * act_row, act_row, tokens, nb,
                         out + g * out_group_floats + r, rows);
+            if (++r == rows) r = 0, g++;
         }
     }
     return 0;
@@ -353,33 +386,31 @@ int lv3_swiglu_experts(int gate_type, const uint8_t *gate, const uint8_t *up, si
                        const uint8_t *down, size_t down_stride, int dim, int hidden, const float *x, int tokens,
                        const int32_t *ids, const float *weights, int k, float *out, int threads) {
     type_info gi, di;
-    if (!type_info_of(gate_type, &gi) || !type_info_of(down_type, &di) || tokens < 1 || tokens > MAX_TOKENS ||
-        k < 1 || k > 64 || dim % gi.block || hidden % di.block)
+    if (!type_info_of(gate_type, &gi) || !type_info_of(down_type, &di) || tokens < 1 || k < 1 || dim % gi.block || hidden % di.block)
         return -1;
     const int pairs = tokens * k, gate_nb = dim / gi.block, down_nb = hidden / di.block;
     const size_t x_act = gate_nb * gi.act_bytes, h_act = down_nb * di.act_bytes;
     const size_t gate_row = gate_nb * gi.block_bytes, down_row = down_nb * di.block_bytes;
 
-    /* the pairs (t, j) sorted by expert, and the runs of one expert: groups */
-    int order[MAX_TOKENS * 64], position[MAX_TOKENS * 64], group_start[MAX_TOKENS * 64 + 1], groups = 0;
-    for (int p = 0; p < pairs; p++) {
-        int q = p;
-        while (q > 0 && ids[order[q - 1]] > ids[p]) order[q] = order[q - 1], q--;
-        order[q] = p;
-    }
+    /* scratch: the routing (below), x's activations in `order` (pair p's token at slot p), gate
+       then up of every pair, the hidden values' activations, each pair's output */
+    const size_t index_bytes = align64(3 * (size_t)(pairs + 1) * sizeof(int)), x_bytes = align64(pairs * x_act);
+    const size_t gu_bytes = align64(2 * (size_t)pairs * hidden * sizeof(float)), h_bytes = align64(pairs * h_act);
+    const size_t y_bytes = (size_t)pairs * dim * sizeof(float);
+    uint8_t *memory = scratch(index_bytes + x_bytes + gu_bytes + h_bytes + y_bytes);
+    if (!memory) return -2;
+    uint8_t *xa = memory + index_bytes, *ha = xa + x_bytes + gu_bytes;
+    float *gu = (float *)(xa + x_bytes), *y = (float *)(ha + h_bytes);
+
+    /* the pairs (t, j) sorted by expert (stable), each pair's place in that order, and the runs of
+       one expert: groups */
+    int *order = (int *)memory, *position = order + pairs, *group_start = position + pairs, groups = 0;
+    for (int p = 0; p < pairs; p++) order[p] = p;
+    qsort_r(order, pairs, sizeof(int), by_expert, (void *)ids);
     for (int p = 0; p < pairs; p++) position[order[p]] = p;
     for (int p = 0; p < pairs; p++)
         if (p == 0 || ids[order[p]] != ids[order[p - 1]]) group_start[groups++] = p;
     group_start[groups] = pairs;
-
-    /* scratch: x's activations in `order` (pair p's token at slot p), gate then up of every
-       pair, the hidden values' activations, each pair's output (all 64-byte aligned) */
-    const size_t x_bytes = align64(pairs * x_act), gu_bytes = align64(2 * (size_t)pairs * hidden * sizeof(float));
-    const size_t h_bytes = align64(pairs * h_act), y_bytes = (size_t)pairs * dim * sizeof(float);
-    uint8_t *memory = scratch(x_bytes + gu_bytes + h_bytes + y_bytes);
-    if (!memory) return -2;
-    uint8_t *xa = memory, *ha = memory + x_bytes + gu_bytes;
-    float *gu = (float *)(memory + x_bytes), *y = (float *)(ha + h_bytes);
 
 #pragma omp parallel num_threads(threads)
     {
