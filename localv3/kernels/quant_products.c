@@ -136,7 +136,7 @@ static inline __m512i add_scaled_pairs(__m512i acc, __m512i p, __m512i scale) {
 }
 #endif
 
-#define ROW_KERNEL static inline __attribute__((always_inline)) void
+#define ROW_KERNEL static inline void
 
 ROW_KERNEL row_q4_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
     __m128 mins[TILE_TOKENS]; /* per token: 4 lanes of dmin * da * (mins . sub-block sums) */
