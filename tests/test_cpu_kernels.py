@@ -1,7 +1,7 @@
 """localv3's own CPU kernels (localv3/kernels): built for this machine, and exact against the
 formula they compute: the dequantised weights times the activations rounded to 8 bits per block
-(one scale per 256 values for Q4_K, per 32 for Q8_0 and Q4_0), for both instruction sets they
-are written for (AVX-512BW and AVX2: an AVX2 build runs on any machine that has AVX2)."""
+(one scale per 256 values for Q4_K and Q6_K, per 32 for Q8_0 and Q4_0), for both instruction sets
+they are written for (AVX-512BW and AVX2: an AVX2 build runs on any machine that has AVX2)."""
 
 import platform
 from pathlib import Path
@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from localv3.formats import ggml
-from localv3.formats.table import Q4_0, Q4_K, Q8_0
+from localv3.formats.table import GGUF_BLOCK_TYPES, Q4_0, Q4_K, Q8_0
 from localv3.kernels import build, products
 
 SEEDS = (0, 1, 2)
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 EXACT = 1e-5  # float32 summation order; a wrong block layout or scale is off by ~1
+Q6_K = GGUF_BLOCK_TYPES["q6_k"]  # in llama.cpp's Q4_K_M files (some ffn_down, attn_v, output)
 
 
 def cpu_flags() -> set[str]:
@@ -52,6 +53,11 @@ def use(kernels, monkeypatch):
     monkeypatch.setattr(products, "library", lambda: kernels)
 
 
+def activation_block(block_type) -> int:
+    """Values per activation scale: 256 for the K types, 32 for the others."""
+    return 256 if block_type.block == 256 else 32
+
+
 def rounded_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [..., n] -> what the kernels compute with: per block of `block` values, d = max|x| / 127
     and x ~ d * round(x / d), in float32 as the kernels do."""
@@ -75,7 +81,9 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 @needs_build
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("block_type,n", [(Q4_K, 768), (Q8_0, 96), (Q8_0, 512), (Q4_0, 96), (Q4_0, 160)], ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize(
+    "block_type,n", [(Q4_K, 768), (Q6_K, 512), (Q8_0, 96), (Q8_0, 512), (Q4_0, 96), (Q4_0, 160)], ids=lambda v: getattr(v, "name", v)
+)
 def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block_type, n, seed):
     """Groups of matrices, each with its own activation rows; row counts that do not split evenly
     over threads, odd block counts (96 = 3 blocks of 32), up to the most tokens a call takes."""
@@ -84,14 +92,14 @@ def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block
     blocks, dense = quantised(torch.randn(groups, rows, n, generator=g), block_type)
     for tokens in (1, 2, 5, products.DECODE_TOKENS):
         x = torch.randn(groups, tokens, n, generator=g) * torch.rand(groups, tokens, 1, generator=g) * 4
-        expected = rounded_activations(x, block_type.block if block_type != Q4_K else 256).double() @ dense.transpose(1, 2)
+        expected = rounded_activations(x, activation_block(block_type)).double() @ dense.transpose(1, 2)
         assert rel_err(products.matmul(blocks, block_type, n, x), expected) < EXACT
         assert rel_err(products.matmul(blocks[1], block_type, n, x[1]), expected[1]) < EXACT  # one matrix
 
 
 @needs_build
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("gate_type,down_type", [(Q4_K, Q4_K), (Q4_K, Q8_0), (Q8_0, Q4_0)], ids=lambda t: t.name)
+@pytest.mark.parametrize("gate_type,down_type", [(Q4_K, Q4_K), (Q4_K, Q6_K), (Q4_K, Q8_0), (Q8_0, Q4_0)], ids=lambda t: t.name)
 def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, down_type, seed):
     """Each token's chosen experts (several tokens sharing some), weighted and summed; the expert
     matrices are views into one tensor per projection, as a GGUF's are."""
@@ -100,8 +108,7 @@ def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, dow
     gate, gate_dense = quantised(torch.randn(n_experts, hidden, dim, generator=g), gate_type)
     up, up_dense = quantised(torch.randn(n_experts, hidden, dim, generator=g), gate_type)
     down, down_dense = quantised(torch.randn(n_experts, dim, hidden, generator=g) / 8, down_type)
-    gate_block = 256 if gate_type == Q4_K else 32
-    down_block = 256 if down_type == Q4_K else 32
+    gate_block, down_block = activation_block(gate_type), activation_block(down_type)
     for tokens in (1, 4, products.DECODE_TOKENS, 40):  # 40: experts with more rows than a kernel's tile
         x = torch.randn(tokens, dim, generator=g)
         ids = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).int()  # [T, k]
@@ -130,8 +137,7 @@ def test_calls_the_kernels_do_not_take_fall_back():
     ids, weights = torch.tensor([[0, 1]] * tokens, dtype=torch.int32), torch.ones(tokens, 2)
     assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens, 256), ids, weights) is None
     assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
-    q6_k = type(Q4_K)("q6_k", 14, 256, 210)
-    assert not products.takes(q6_k) and products.takes(Q4_K, Q8_0, Q4_0)
+    assert not products.takes(GGUF_BLOCK_TYPES["iq4_xs"]) and products.takes(Q4_K, Q6_K, Q8_0, Q4_0)
 
 
 @needs_build
@@ -168,4 +174,4 @@ def test_the_switch_keeps_ggml(monkeypatch):
 @needs_build
 def test_the_kernels_build_on_this_machine():
     library = build.library()
-    assert library is not None and all(library.lv3_supports(t.ggml_type) for t in (Q4_K, Q8_0, Q4_0))
+    assert library is not None and all(library.lv3_supports(t.ggml_type) for t in (Q4_K, Q6_K, Q8_0, Q4_0))

@@ -1,8 +1,8 @@
 /* localv3's CPU products of block-quantised weights with a few activation rows (decoding).
  *
- * Weights stay in ggml's block layouts (Q4_K, Q8_0, Q4_0), read where they lie (a checkpoint's
- * memory or a memory-mapped GGUF). Activations are quantised to 8 bits once per call (one
- * scale per 256 values for Q4_K, per 32 for the others), and each weight row is dotted with
+ * Weights stay in ggml's block layouts (Q4_K, Q6_K, Q8_0, Q4_0), read where they lie (a
+ * checkpoint's memory or a memory-mapped GGUF). Activations are quantised to 8 bits once per call
+ * (one scale per 256 values for the K types, per 32 for the others), and each weight row is dotted with
  * every activation row while it is in the L1 cache, so a matrix is read from memory once per
  * call whatever the token count.
  *
@@ -36,7 +36,7 @@
 #error "localv3's CPU kernels need AVX2 with FMA and F16C, or AVX-512BW"
 #endif
 
-enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12 }; /* enum ggml_type */
+enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q6_K = 14 }; /* enum ggml_type */
 
 #define PREFETCH_AHEAD 4096 /* bytes; measured best at 2-8 KB on a V3 expert (2 threads) */
 #define TILE_TOKENS 16      /* activation rows a row kernel takes at once (its accumulators) */
@@ -45,12 +45,17 @@ enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12 }; /* enum ggml_type */
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_k; /* 144 bytes */
 typedef struct { uint16_t d; int8_t qs[32]; } __attribute__((packed)) block_q8_0;     /* 34 bytes */
 typedef struct { uint16_t d; uint8_t qs[16]; } __attribute__((packed)) block_q4_0;    /* 18 bytes */
+/* Q6_K: 256 weights of 6 bits (low 4 in ql, high 2 in qh) minus 32, in 16 groups of 16 with an
+ * int8 scale each, under one fp16 scale d. Within each half of 128 weights, ql[l] holds weights
+ * l (low nibble) and l + 64 (high nibble), ql[l + 32] weights l + 32 and l + 96, and qh[l] the
+ * high bits of weights l, l + 32, l + 64, l + 96 (bits 0-1, 2-3, 4-5, 6-7), for l < 32. */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } __attribute__((packed)) block_q6_k; /* 210 bytes */
 
-/* Activations for Q4_K: 256 values, one scale, the sums of each 32-value sub-block. With
- * AVX-512 the values are stored in the order of a 64-byte load of Q4_K nibbles (sub-blocks
- * 0,2 | 1,3 | 4,6 | 5,7: low nibbles of qs[0:64] are weights 0-31 and 64-95, high nibbles
- * 32-63 and 96-127); with AVX2 in their natural order (32-byte loads). */
-typedef struct { int8_t q[256]; float d; int16_t bsum[8]; uint8_t pad[12]; } act_256; /* 288 bytes */
+/* Activations for Q4_K and Q6_K: 256 values, one scale, the sums of each 32-value and each
+ * 16-value group. For Q4_K with AVX-512 the values are stored in the order of a 64-byte load of
+ * Q4_K nibbles (sub-blocks 0,2 | 1,3 | 4,6 | 5,7: low nibbles of qs[0:64] are weights 0-31 and
+ * 64-95, high nibbles 32-63 and 96-127); otherwise in their natural order. */
+typedef struct { int8_t q[256]; float d; int16_t bsum[8]; int16_t bsum16[16]; uint8_t pad[12]; } act_256; /* 320 bytes */
 /* Activations for Q8_0 and Q4_0: 32 values, one scale, their sum. */
 typedef struct { int8_t q[32]; float d; int32_t sum; } act_32; /* 40 bytes */
 
@@ -69,19 +74,24 @@ static float quantize_8bit(const float *x, int n, int8_t *q) {
     return d;
 }
 
-static void quantize_256(const float *x, int n, act_256 *out) {
+static const int natural_order[8] = {0, 1, 2, 3, 4, 5, 6, 7};
 #if LV3_AVX512
-    static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* sub-block stored in each 32-byte slot */
+static const int q4_k_order[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* the sub-block stored in each 32-byte slot */
 #else
-    static const int order[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+#define q4_k_order natural_order
 #endif
+
+static void quantize_256(const float *x, int n, const int *order, act_256 *out) {
     for (int b = 0; b < n / 256; b++) {
         int8_t q[256];
         out[b].d = quantize_8bit(x + 256 * b, 256, q);
-        for (int s = 0; s < 8; s++) {
+        for (int g = 0; g < 16; g++) {
             int sum = 0;
-            for (int i = 0; i < 32; i++) sum += q[32 * s + i];
-            out[b].bsum[s] = (int16_t)sum;
+            for (int i = 0; i < 16; i++) sum += q[16 * g + i];
+            out[b].bsum16[g] = (int16_t)sum;
+        }
+        for (int s = 0; s < 8; s++) {
+            out[b].bsum[s] = (int16_t)(out[b].bsum16[2 * s] + out[b].bsum16[2 * s + 1]);
             memcpy(out[b].q + 32 * s, q + 32 * order[s], 32);
         }
     }
@@ -275,6 +285,42 @@ ROW_KERNEL row_32_tokens(int type, const uint8_t *row, const uint8_t *act, size_
     }
 }
 
+/* ----- Q6_K (256-bit code in both builds) --------------------------------------------------- */
+ROW_KERNEL row_q6_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3);
+    __m256 sums[TILE_TOKENS];
+    for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const block_q6_k *w = (const block_q6_k *)row + b;
+        prefetch_lines((const uint8_t *)w, 4);
+        __m256i q[8], scale[8]; /* the 8 runs of 32 weights (unsigned 6-bit), their two scales as int16 lanes */
+        for (int h = 0; h < 2; h++) {
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h)), hi = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+            const __m256i top = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                const __m256i nibbles = j & 1 ? hi : lo;
+                const __m256i low = _mm256_and_si256(j & 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low4);
+                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(top, 2 * j), low2);
+                q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                const int8_t *sc = w->scales + 8 * h + 2 * j;
+                scale[4 * h + j] = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+            }
+        }
+        const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));
+        const float d = half_to_float(w->d);
+        for (int t = 0; t < tokens; t++) {
+            const act_256 *a = (const act_256 *)(act + t * act_bytes) + b;
+            /* sum of scale * (q - 32) * a = sum of scale * q * a - 32 * sum of scale * (group's sum of a) */
+            __m256i acc = _mm256_slli_epi32(_mm256_madd_epi16(scales16, _mm256_loadu_si256((const __m256i *)a->bsum16)), 5);
+            acc = _mm256_sub_epi32(_mm256_setzero_si256(), acc);
+            for (int g = 0; g < 8; g++)
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q[g], _mm256_loadu_si256((const __m256i *)(a->q + 32 * g))), scale[g]));
+            sums[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(d * a->d), sums[t]);
+        }
+    }
+    for (int t = 0; t < tokens; t++) out[t * out_stride] = sum_m256(sums[t]);
+}
+
 /* One activation row (decoding) gets its own copy of each kernel, compiled for that count: its
  * accumulators live in registers, which matters for short rows (MLA's per-head W_UK: 4 blocks). */
 static void row_q4_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
@@ -287,6 +333,11 @@ static void row_32(int type, const uint8_t *row, const uint8_t *act, size_t act_
     else row_32_tokens(type, row, act, act_bytes, tokens, nb, out, out_stride);
 }
 
+static void row_q6_k(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
+    if (tokens == 1) row_q6_k_tokens(row, act, act_bytes, 1, nb, out, out_stride);
+    else row_q6_k_tokens(row, act, act_bytes, tokens, nb, out, out_stride);
+}
+
 /* ----- types ------------------------------------------------------------------------------ */
 typedef struct {
     int block;            /* weights per block */
@@ -297,6 +348,7 @@ typedef struct {
 static int type_info_of(int type, type_info *info) {
     switch (type) {
     case TYPE_Q4_K: *info = (type_info){256, sizeof(block_q4_k), sizeof(act_256)}; return 1;
+    case TYPE_Q6_K: *info = (type_info){256, sizeof(block_q6_k), sizeof(act_256)}; return 1;
     case TYPE_Q8_0: *info = (type_info){32, sizeof(block_q8_0), sizeof(act_32)}; return 1;
     case TYPE_Q4_0: *info = (type_info){32, sizeof(block_q4_0), sizeof(act_32)}; return 1;
     default: return 0;
@@ -304,7 +356,8 @@ static int type_info_of(int type, type_info *info) {
 }
 
 static void quantize_activation(int type, const float *x, int n, uint8_t *out) {
-    if (type == TYPE_Q4_K) quantize_256(x, n, (act_256 *)out);
+    if (type == TYPE_Q4_K) quantize_256(x, n, q4_k_order, (act_256 *)out);
+    else if (type == TYPE_Q6_K) quantize_256(x, n, natural_order, (act_256 *)out);
     else quantize_32(x, n, (act_32 *)out);
 }
 
@@ -315,6 +368,7 @@ static void row_product(int type, const uint8_t *row, const uint8_t *act, size_t
         const uint8_t *tile_act = act + first * act_bytes;
         float *tile_out = out + first * out_stride;
         if (type == TYPE_Q4_K) row_q4_k(row, tile_act, act_bytes, tile, nb, tile_out, out_stride);
+        else if (type == TYPE_Q6_K) row_q6_k(row, tile_act, act_bytes, tile, nb, tile_out, out_stride);
         else row_32(type, row, tile_act, act_bytes, tile, nb, tile_out, out_stride);
     }
 }
