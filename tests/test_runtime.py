@@ -415,14 +415,18 @@ def test_small_models_decode_on_one_thread(monkeypatch):
 @pytest.mark.skipif(not ggml.available(), reason="needs llama-cpp-python's ggml")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_bf16_lm_head_is_held_in_bf16_on_the_cpu(tmp_path, seed):
-    """A checkpoint storing lm_head in bf16, computed in float32 on the CPU: the head keeps its
-    two bytes per weight (what the plan sizes) and gives the logits of those weights to within
-    ggml's rounding of the activations to bf16."""
+    """A checkpoint storing lm_head and the embedding table in bf16, computed in float32 on the
+    CPU: both keep their two bytes per weight (what the plan sizes); the table's rows are its
+    stored values, widened; the head gives the logits of its stored weights to within ggml's
+    rounding of the activations to bf16."""
     model_dir = write_checkpoint(tmp_path, TINY_V3, seed=seed, dtype=torch.bfloat16)
     engine = localv3.load(model_dir, device="cpu", dtype=torch.float32, cpu_threads=1)
-    head = engine.model.lm_head
+    head, table = engine.model.lm_head, engine.model.model.embed_tokens
     config = engine.config
     assert sum(t.nbytes for t in head.buffers()) == config.vocab_size * config.hidden_size * 2
+    assert table.weight.dtype == torch.bfloat16 and engine.dtype == engine.model.compute_dtype == torch.float32
+    stored_table = CheckpointReader(model_dir).get("model.embed_tokens.weight", torch.float32)
+    assert torch.equal(table(torch.tensor(PROMPT)), stored_table[PROMPT])
     session = engine.new_session(len(PROMPT))
     logits = session.forward(PROMPT)  # [S, V]
     with torch.inference_mode():

@@ -122,7 +122,7 @@ class NativeEngine(Engine):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.embed_tokens.weight.dtype
+        return self.model.compute_dtype
 
     @property
     def placement(self) -> str:

@@ -56,10 +56,27 @@ class MTPHead(nn.Module):
         return self.shared_head_norm(h)
 
 
+class TokenEmbedding(nn.Embedding):
+    """The embedding table, which may be held narrower than the model computes (a checkpoint's
+    bf16 table with float32 arithmetic on the CPU: half the memory, the same values): the rows
+    looked up are widened to `compute_dtype` (None: the table's own dtype)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.compute_dtype: torch.dtype | None = None
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.weight.dtype
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(token_ids).to(self.output_dtype)  # [B, S, D]
+
+
 class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -81,6 +98,11 @@ class Transformer(nn.Module):
             attention.absorb_kv_b()
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the hidden states (and of the cache rows by default)."""
+        return self.model.embed_tokens.output_dtype
+
+    @property
     def num_cache_layers(self) -> int:
         return self.config.num_hidden_layers + len(self.mtp)
 
@@ -93,7 +115,7 @@ class Transformer(nn.Module):
     ) -> LatentCache:
         """A cache for the main layers and the MTP layers, each layer's rows on the device the
         caller names for it (default: all on the CPU)."""
-        dtype = dtype or self.model.embed_tokens.weight.dtype
+        dtype = dtype or self.compute_dtype
         return LatentCache(
             self.config, max_tokens, self.num_cache_layers, batch_size, dtype, layer_devices=layer_devices
         )

@@ -111,8 +111,7 @@ def _device_of(module: nn.Module) -> torch.device:
 class _ProgramBuilder:
     def __init__(self, model: Transformer, cache: LatentCache, placement: StepPlacement):
         self.model, self.cache, self.placement = model, cache, placement
-        embed = model.model.embed_tokens.weight
-        self.dtype, self.dim = embed.dtype, embed.shape[1]
+        self.dtype, self.dim = model.compute_dtype, model.config.hidden_size
         self.pinned = any(p.is_cuda for p in model.parameters())
         self.items: list[Segment | HostCall] = []
         self.segment: Segment | None = None

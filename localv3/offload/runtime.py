@@ -74,6 +74,7 @@ from localv3.offload.routing_stats import RoutingStats, find_profile, load_profi
 from localv3.offload.shape import ModelShape
 
 BF16_ROWS = GGUF_BLOCK_TYPES["bf16"]  # a bf16 matrix as ggml multiplies it
+EMBEDDING_TABLE = "model.embed_tokens.weight"
 
 
 HOST = torch.device("cpu")
@@ -137,11 +138,15 @@ def build_model(
     weights.validate(expected)
     devices = Devices(layout, torch.device(gpu_device), config.num_hidden_layers)
     linears = _quantised_linears(model, config, weights, quant, devices)
+    narrow_table = _embeddings_held_in_bf16(config, weights, quant, dtype)
     for tensor_name, (name, _) in expected.items():
         if "[" in name or name.endswith(QUANTIZED_SUFFIX) or name.removesuffix(".weight") in linears:
             continue  # routed experts and quantised weights: below
         wanted = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
+        if name == EMBEDDING_TABLE and narrow_table:
+            wanted = torch.bfloat16
         set_tensor(model, name, reader.get(tensor_name, wanted).to(devices.of_param(name)))
+    model.model.embed_tokens.compute_dtype = dtype
     for name, module in model.named_modules():  # stored quantised, held in float (kv_b_proj)
         if not isinstance(module, nn.Linear) or name in linears:
             continue
@@ -220,6 +225,12 @@ class Weights:
         experts may span shards, and the data is not 32-byte aligned, while ggml's mul_mat_id
         takes one 3-D tensor at one stride (a GGUF's ffn_*_exps: GgufWeights)."""
         return None
+
+
+def _embeddings_held_in_bf16(config: ModelConfig, weights: Weights | GgufWeights, quant: Quantization, dtype: torch.dtype) -> bool:
+    """Whether the embedding table is held in bf16 below a wider compute dtype: planned in bf16
+    and stored in bf16 (its values as they are; DeepSeek-V3: 1.85 GB, not 3.7 in float32)."""
+    return quant.embeddings == "bf16" and dtype != torch.bfloat16 and weights.held_in_bf16(checkpoint_name(config, EMBEDDING_TABLE))
 
 
 def _quantised_linears(
