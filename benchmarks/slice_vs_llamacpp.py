@@ -17,9 +17,14 @@ scaled like trained weights (localv3.synthetic).
 Everything goes through the CLI (`localv3 quantize`, `localv3 bench --json`), each call in its
 own process. The slice and the quantised models are cached under --work and reused.
 
+With `--rounds N` each pair is benched N times in strict alternation (native, llama.cpp, native,
+...): on a machine whose speed drifts from minute to minute, the ratio of two runs next to each
+other is what holds, so each round gives its own ratios and the pair's ratio is their median (the
+engines' tok/s: the median of their rounds).
+
     python benchmarks/slice_vs_llamacpp.py [--work /tmp/localv3-slice] [--rebuild]
         [--pairs native:q4/q8=gguf:q4_k_m,native:q8/q8=gguf:q8_0] [-p 64] [-n 32] [-r 3]
-        [--threads 2] [--json]
+        [--rounds 1] [--threads 2] [--json]
 
 Progress goes to stderr; stdout gets the table and then one JSON document (only the JSON
 with --json). First run on 2 cores: ~30 min (FP8 build ~3 min, 2.9 GB peak RSS; four
@@ -35,12 +40,13 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -341,6 +347,8 @@ class EngineResult:
     load_avg_1m: float | None = None  # this machine's load just before the run: other work skews the figures
     records: list[dict] = field(default_factory=list)  # `localv3 bench --json` as printed
     error: str | None = None
+    pp_tok_s_rounds: list[float] = field(default_factory=list)  # each round's pp_tok_s (--rounds)
+    tg_tok_s_rounds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -348,8 +356,10 @@ class PairResult:
     pair: str
     native: EngineResult
     llama_cpp: EngineResult
-    pp_ratio: float | None = None  # native / llama.cpp
+    pp_ratio: float | None = None  # native / llama.cpp: the median of the rounds' ratios
     tg_ratio: float | None = None
+    pp_ratios: list[float] = field(default_factory=list)  # each round's native / llama.cpp
+    tg_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -412,7 +422,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def bench_pair(pair: Pair, work: Path, options: BenchOptions, config: dict, failures: list[CliFailure]) -> PairResult:
+def bench_round(pair: Pair, work: Path, options: BenchOptions, config: dict, failures: list[CliFailure]) -> list[EngineResult]:
+    """One bench of each engine, native first: [native, llama.cpp]."""
     results = []
     for engine, model, weights in (
         ("native", pair.native_dir(work), pair.native_weights),
@@ -424,9 +435,34 @@ def bench_pair(pair: Pair, work: Path, options: BenchOptions, config: dict, fail
             failures.append(exc.failure)
             threads = str(options.threads) if options.pass_threads else "-"
             results.append(EngineResult(engine, weights, str(model), threads, error=exc.failure.stderr_tail[-2000:]))
-    native, llama = results
-    pp_ratio, tg_ratio = ratio(native.pp_tok_s, llama.pp_tok_s), ratio(native.tg_tok_s, llama.tg_tok_s)
-    return PairResult(pair.spec, native, llama, pp_ratio, tg_ratio)
+    return results
+
+
+def median_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def merged(rounds: list[EngineResult]) -> EngineResult:
+    """One engine's rounds as one result: tok/s the median of the rounds', the rest the last round's."""
+    result = replace(rounds[-1])
+    result.pp_tok_s_rounds = [r.pp_tok_s for r in rounds if r.pp_tok_s is not None]
+    result.tg_tok_s_rounds = [r.tg_tok_s for r in rounds if r.tg_tok_s is not None]
+    result.pp_tok_s, result.tg_tok_s = median_of(result.pp_tok_s_rounds), median_of(result.tg_tok_s_rounds)
+    result.error = next((r.error for r in rounds if r.error), None)
+    if result.tg_tok_s and result.tg_read_bytes_per_token:
+        result.tg_read_gb_s = round(result.tg_read_bytes_per_token * result.tg_tok_s / 1e9, 2)
+    return result
+
+
+def bench_pair(pair: Pair, work: Path, options: BenchOptions, config: dict, failures: list[CliFailure], rounds: int) -> PairResult:
+    native_rounds, llama_rounds = zip(*(bench_round(pair, work, options, config, failures) for _ in range(rounds)))
+    pp_ratios = [ratio(n.pp_tok_s, l.pp_tok_s) for n, l in zip(native_rounds, llama_rounds)]
+    tg_ratios = [ratio(n.tg_tok_s, l.tg_tok_s) for n, l in zip(native_rounds, llama_rounds)]
+    pp_ratios, tg_ratios = [r for r in pp_ratios if r is not None], [r for r in tg_ratios if r is not None]
+    return PairResult(
+        pair.spec, merged(list(native_rounds)), merged(list(llama_rounds)), median_of(pp_ratios), median_of(tg_ratios), pp_ratios, tg_ratios
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -439,6 +475,13 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
 def last_line(text: str | None) -> str:
     lines = (text or "").strip().splitlines()
     return lines[-1] if lines else "?"
+
+
+def ratio_cell(median: float | None, ratios: list[float]) -> str:
+    """The median ratio, and the rounds' range when there were several."""
+    if median is None:
+        return "-"
+    return f"{median:.2f}x" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
 
 def table(results: list[PairResult]) -> str:
@@ -454,8 +497,8 @@ def table(results: list[PairResult]) -> str:
                 r.threads,
                 _num(r.pp_tok_s),
                 _num(r.tg_tok_s),
-                _num(pair.pp_ratio, "{:.2f}x") if is_native else "",
-                _num(pair.tg_ratio, "{:.2f}x") if is_native else "",
+                ratio_cell(pair.pp_ratio, pair.pp_ratios) if is_native else "",
+                ratio_cell(pair.tg_ratio, pair.tg_ratios) if is_native else "",
                 _num(per_token, "{:.3f}"),
                 _num(r.tg_read_gb_s),
             ])  # fmt: skip
@@ -501,11 +544,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-p", "--n-prompt", type=int, default=64)
     parser.add_argument("-n", "--n-gen", type=int, default=32)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating benches of each engine per pair (ratios per round)")
     parser.add_argument("--threads", type=int, default=2, help="passed to `localv3 bench` when it has --threads")
     parser.add_argument("--vocab", type=int, default=SLICE_VOCAB, help="tokenizer / model vocabulary size")
     parser.add_argument("--seed", type=int, default=SLICE_SEED)
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,11 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     quantize_s, failures = quantize_all(source, args.work, pairs, fresh=built or args.rebuild)
     options = BenchOptions(args.n_prompt, args.n_gen, args.repetitions, args.threads, cli.bench_threads)
     bench_started = time.perf_counter()
-    results = [bench_pair(pair, args.work, options, config, failures) for pair in pairs]
+    results = [bench_pair(pair, args.work, options, config, failures, args.rounds) for pair in pairs]
     document = {
         "benchmark": "slice_vs_llamacpp",
         "slice": slice_summary(source),
-        "settings": {**asdict(options), "pairs": [p.spec for p in pairs]},
+        "settings": {**asdict(options), "rounds": args.rounds, "pairs": [p.spec for p in pairs]},
         "pairs": [asdict(r) for r in results],
         "failures": [asdict(f) for f in failures],
         "timings_s": {
