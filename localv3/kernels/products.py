@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from localv3.errors import LocalV3Error
 from localv3.formats import ggml
 from localv3.formats.table import BlockType
 from localv3.kernels.build import library
@@ -26,8 +27,8 @@ DECODE_TOKENS = 8
 EXPERT_ROWS = 32
 
 
-class KernelError(RuntimeError):
-    """A kernel refused a call it was checked to take (a bug, not bad input)."""
+class KernelError(LocalV3Error):
+    """A kernel call failed: out of memory for its scratch space, or a call it should not refuse."""
 
 
 def takes(*block_types: BlockType) -> bool:
@@ -37,8 +38,10 @@ def takes(*block_types: BlockType) -> bool:
 
 
 def _checked(status: int, what: str) -> None:
+    if status == -2:
+        raise KernelError(f"out of memory for the scratch space of localv3's CPU kernels ({what})")
     if status != 0:
-        raise KernelError(f"{what} failed (status {status})")
+        raise KernelError(f"localv3's CPU kernel {what} refused its call (status {status})")
 
 
 def _pointer(tensor: torch.Tensor) -> int:
