@@ -127,6 +127,18 @@ def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, dow
 
 
 @needs_build
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("block_type", [Q8_0, Q4_0], ids=lambda t: t.name)
+def test_transposed_dequantisation_is_the_dequantised_weights_transposed(use, block_type, seed):
+    """Per-head matrices [H, rows, in] -> [H * in, rows], exactly ggml's dequantised values;
+    a row count that is not a multiple of the 16-row tiles."""
+    heads, rows, n = 3, 37, 96
+    blocks, dense = quantised(torch.randn(heads, rows, n, generator=torch.Generator().manual_seed(seed)), block_type)
+    got = products.dequantize_transposed(blocks, block_type, n)
+    assert torch.equal(got, dense.float().transpose(1, 2).reshape(heads * n, rows))
+
+
+@needs_build
 def test_calls_the_kernels_do_not_take_fall_back():
     """Prefill-sized dense products, experts with many rows each and block types without a kernel
     here are left to ggml (None)."""
@@ -138,6 +150,7 @@ def test_calls_the_kernels_do_not_take_fall_back():
     assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens, 256), ids, weights) is None
     assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
     assert not products.takes(GGUF_BLOCK_TYPES["iq4_xs"]) and products.takes(Q4_K, Q6_K, Q8_0, Q4_0)
+    assert products.dequantize_transposed(experts, Q4_K, 256) is None  # 32-value block types only
 
 
 @needs_build

@@ -91,3 +91,18 @@ def swiglu_experts(
     )  # fmt: skip
     _checked(status, "lv3_swiglu_experts")
     return out
+
+
+def dequantize_transposed(weights: torch.Tensor, block_type: BlockType, in_features: int) -> torch.Tensor | None:
+    """weights uint8 [H, rows, row_bytes] (H matrices [rows, in]) -> float32 [H * in, rows], row
+    h * in + i being column i of matrix h (32-value block types; None for others)."""
+    heads, rows = weights.shape[0], weights.shape[1]
+    kernels = library()
+    if kernels is None or block_type.block != 32 or not kernels.lv3_supports(block_type.ggml_type):
+        return None
+    out = torch.empty(heads * in_features, rows, dtype=torch.float32)
+    status = kernels.lv3_dequantize_transposed(
+        block_type.ggml_type, _pointer(weights.contiguous()), heads, rows, in_features, _pointer(out), ggml.compute_threads()
+    )
+    _checked(status, "lv3_dequantize_transposed")
+    return out

@@ -509,3 +509,34 @@ int lv3_swiglu_experts(int gate_type, const uint8_t *gate, const uint8_t *up, si
     }
     return 0;
 }
+
+/* Per-head matrices W_h [rows, n] of 32-value blocks (Q8_0, Q4_0) -> float out [heads * n, rows]
+ * with out[h * n + i][r] = W_h[r][i]: the heads' transposed maps stacked (MLA's W_UK as the
+ * keys' up-projection of a prompt chunk). Rows are dequantised 16 at a time, so each 64-byte
+ * line of the output is written whole. Returns 0, or -1 for another block type or shape. */
+int lv3_dequantize_transposed(int type, const uint8_t *w, long heads, long rows, int n, float *out, int threads) {
+    type_info info;
+    if ((type != TYPE_Q8_0 && type != TYPE_Q4_0) || !type_info_of(type, &info) || n % 32 || n > 1024) return -1;
+    const int nb = n / 32;
+    const size_t row_bytes = nb * info.block_bytes;
+    const long tiles = (rows + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long job = 0; job < heads * tiles; job++) {
+        const long h = job / tiles, first = (job % tiles) * 16, count = rows - first < 16 ? rows - first : 16;
+        float tile[16][1024];
+        for (long r = 0; r < count; r++) {
+            const uint8_t *row = w + (h * rows + first + r) * row_bytes;
+            for (int b = 0; b < nb; b++) {
+                const float d = block_scale(row, type, b);
+                int8_t q[32];
+                _mm256_storeu_si256((__m256i *)q, block_values(row, type, b));
+                for (int i = 0; i < 32; i++) tile[r][32 * b + i] = (float)q[i] * d;
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            float *line = out + (h * n + i) * rows + first;
+            for (long r = 0; r < count; r++) line[r] = tile[r][i];
+        }
+    }
+    return 0;
+}
