@@ -1,12 +1,12 @@
 """torch modules over block-quantised weights: a linear layer, a SwiGLU MLP and a routed-expert
-bank. On the CPU a decode-sized call (a few tokens) runs localv3's own kernels
-(localv3.kernels.products: weights read near the memory bandwidth), a larger one ggml's (one
-ggml graph per call, built once per token count), as does any call of a block type ours lack;
-elsewhere (a GPU) the weights are dequantised in torch on each call.
+bank. On the CPU a decode-sized call (a few tokens), and routed experts that get few rows each,
+run localv3's own kernels (localv3.kernels.products: weights read near the memory bandwidth);
+other calls run ggml's (one ggml graph per call, built once per token count), as does any call
+of a block type ours lack; elsewhere (a GPU) the weights are dequantised in torch on each call.
 
-benchmarks/expert_kernels.py has the table: on the 2-core development machine a V3 expert
-layer's Q4_K matrices are read at ~80% of the read bandwidth by our kernels, ~50% by ggml's,
-where torch's int4/int8 kernels were compute-bound at 5-11 GB/s.
+benchmarks/expert_kernels.py has the table: on the 2-core development machine 8 of a V3 layer's
+Q4_K experts at one token are read at 85-96% of the read bandwidth by our kernels, 47-51% by
+ggml's, where torch's int4/int8 kernels were compute-bound at 5-11 GB/s.
 """
 
 from __future__ import annotations
