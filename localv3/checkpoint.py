@@ -113,7 +113,26 @@ def _tensor_info(path: Path, name: str, meta) -> tuple[TensorInfo, tuple[int, in
     return TensorInfo(name, path, dtype, tuple(shape), needed), (start, end)
 
 
-class CheckpointReader:
+class TensorIndex:
+    """Tensors by checkpoint name (`tensors`, filled by the subclass), each a TensorInfo; a
+    subclass says how a missing one is reported (`missing`)."""
+
+    tensors: dict[str, TensorInfo]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise self.missing(name) from None
+
+    def missing(self, name: str) -> Exception:
+        raise NotImplementedError
+
+
+class CheckpointReader(TensorIndex):
     """All tensors of a model directory, by name; reads lazily."""
 
     def __init__(self, model_dir: str | os.PathLike, fp8_block: tuple[int, int] = (128, 128)):
@@ -146,14 +165,8 @@ class CheckpointReader:
             raise CheckpointError(f"{self.dir}: no safetensors weights found")
         return shards
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint") from None
+    def missing(self, name: str) -> CheckpointError:
+        return CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
 
     def is_fp8(self, name: str) -> bool:
         return self.info(name).dtype in (torch.float8_e4m3fn, torch.float8_e5m2)

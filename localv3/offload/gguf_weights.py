@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from localv3.checkpoint import TensorInfo
+from localv3.checkpoint import TensorIndex, TensorInfo
 from localv3.config import ModelConfig
 from localv3.formats import ggml
 from localv3.formats.blocks import QuantizedWeight
@@ -56,7 +56,7 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up
 _KV_B = re.compile(r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight$")
 
 
-class GgufCheckpoint:
+class GgufCheckpoint(TensorIndex):
     """The GGUF's tensors by Hugging Face checkpoint name, read as CheckpointReader reads a
     safetensors checkpoint (`get` returns floats; `info` gives the checkpoint shape)."""
 
@@ -80,14 +80,8 @@ class GgufCheckpoint:
                     name = f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
                     self.tensors[name] = TensorInfo(name, path, torch.float32, (out_features, in_features), stacked.n_bytes // count)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise GgufError(f"{self.dir}: no tensor {self.holder(name)} (the model's {name})") from None
+    def missing(self, name: str) -> GgufError:
+        return GgufError(f"{self.dir}: no tensor {self.holder(name)} (the model's {name})")
 
     def holder(self, name: str) -> str:
         """The GGUF tensor(s) that hold checkpoint tensor `name`, for messages."""
