@@ -44,23 +44,19 @@ def _checked(status: int, what: str) -> None:
         raise KernelError(f"localv3's CPU kernel {what} refused its call (status {status})")
 
 
-def _pointer(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr()
-
-
 def matmul(weights: torch.Tensor, block_type: BlockType, in_features: int, x: torch.Tensor) -> torch.Tensor | None:
     """weights uint8 [G, rows, row_bytes] (or [rows, row_bytes]), x float32 [G, T, in] (or [T, in])
     -> [G, T, rows] (or [T, rows]): each group's matrix times its own activation rows."""
     grouped = weights.dim() == 3
     groups, rows = (weights.shape[0], weights.shape[1]) if grouped else (1, weights.shape[0])
     tokens = x.shape[-2]
-    if not 1 <= tokens <= DECODE_TOKENS or not takes(block_type):
-        return None
+    if not 1 <= tokens <= DECODE_TOKENS or not weights.is_contiguous() or not takes(block_type):
+        return None  # (the kernel walks the groups and rows of one contiguous block of memory)
     x = x.to(torch.float32).contiguous()
     out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
     status = library().lv3_matmul(
-        block_type.ggml_type, _pointer(weights), weights[0].nbytes if grouped else 0, rows, in_features,
-        _pointer(x), tokens * in_features, tokens, _pointer(out), tokens * rows, groups, ggml.compute_threads(),
+        block_type.ggml_type, weights.data_ptr(), weights[0].nbytes if grouped else 0, rows, in_features,
+        x.data_ptr(), tokens * in_features, tokens, out.data_ptr(), tokens * rows, groups, ggml.compute_threads(),
     )  # fmt: skip
     _checked(status, "lv3_matmul")
     return out
@@ -85,8 +81,8 @@ def swiglu_experts(
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(tokens, dim, dtype=torch.float32)
     status = library().lv3_swiglu_experts(
-        gate_type.ggml_type, _pointer(gate), _pointer(up), gate.stride(0), down_type.ggml_type, _pointer(down),
-        down.stride(0), dim, hidden, _pointer(x), tokens, _pointer(ids), _pointer(weights), k, _pointer(out),
+        gate_type.ggml_type, gate.data_ptr(), up.data_ptr(), gate.stride(0), down_type.ggml_type, down.data_ptr(),
+        down.stride(0), dim, hidden, x.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), k, out.data_ptr(),
         ggml.compute_threads(),
     )  # fmt: skip
     _checked(status, "lv3_swiglu_experts")
@@ -97,12 +93,12 @@ def dequantize_transposed(weights: torch.Tensor, block_type: BlockType, in_featu
     """weights uint8 [H, rows, row_bytes] (H matrices [rows, in]) -> float32 [H * in, rows], row
     h * in + i being column i of matrix h (32-value block types; None for others)."""
     heads, rows = weights.shape[0], weights.shape[1]
-    kernels = library()
-    if kernels is None or block_type.block != 32 or not kernels.lv3_supports(block_type.ggml_type):
+    if block_type.block != 32 or not takes(block_type):
         return None
+    weights = weights.contiguous()  # held while the kernel reads it
     out = torch.empty(heads * in_features, rows, dtype=torch.float32)
-    status = kernels.lv3_dequantize_transposed(
-        block_type.ggml_type, _pointer(weights.contiguous()), heads, rows, in_features, _pointer(out), ggml.compute_threads()
+    status = library().lv3_dequantize_transposed(
+        block_type.ggml_type, weights.data_ptr(), heads, rows, in_features, out.data_ptr(), ggml.compute_threads()
     )
     _checked(status, "lv3_dequantize_transposed")
     return out
