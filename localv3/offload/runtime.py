@@ -12,8 +12,9 @@
 a dense FFN or shared expert whose three matrices are quantised as one QuantFeedForward.
 MLA's absorbed W_UK/W_UV (from kv_b_proj) in Q8_0 whenever the dense scheme is quantised
 (QuantHeadProjection), else in the compute dtype. lm_head and the MTP eh_proj stored and
-planned in bf16 as ggml's BF16 rows where ggml runs them (the CPU). Held in the compute dtype:
-the rest of the embeddings role (embed_tokens; those two elsewhere), any
+planned in bf16 as ggml's BF16 rows where ggml runs them (the CPU); the embedding table stored
+and planned in bf16 is held in bf16 under a wider compute dtype (its looked-up rows widened).
+Held in the compute dtype: the rest of the embeddings role (those three elsewhere), any
 matrix whose input dimension no block type of the format divides, and every float scheme
 (fp32, bf16, fp16, fp8: FP8 is dequantised at load, there are no FP8 kernels here). The plan's `gpu` is `gpu_device`: CUDA where there is one, else the
 CPU device, which runs the same model through the same banks.
