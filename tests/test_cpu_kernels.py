@@ -99,6 +99,28 @@ def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block
 
 @needs_build
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("n", [256, 1280])
+def test_prefill_products_are_the_same_formula(use, n, seed):
+    """Prefill-sized products (more than DECODE_TOKENS rows) of the block types the panel kernels
+    take here: the same numbers as decoding's; token counts around the panels' tiles and their
+    minimum, row counts that are not a multiple of a panel's rows. Types without a panel kernel
+    (all of them in the AVX2 build) are left to ggml."""
+    g = torch.Generator().manual_seed(seed)
+    groups, rows = 2, 37
+    for block_type in (Q4_K, Q6_K, Q8_0):
+        blocks, dense = quantised(torch.randn(groups, rows, n, generator=g), block_type)
+        for tokens in (products.DECODE_TOKENS + 1, 15, 16, 17, 40, 96):
+            x = torch.randn(groups, tokens, n, generator=g) * torch.rand(groups, tokens, 1, generator=g) * 4
+            got = products.matmul(blocks, block_type, n, x)
+            if not products.panels_take(block_type):
+                assert got is None
+                continue
+            expected = rounded_activations(x, activation_block(block_type)).double() @ dense.transpose(1, 2)
+            assert rel_err(got, expected) < EXACT
+
+
+@needs_build
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("gate_type,down_type", [(Q4_K, Q4_K), (Q4_K, Q6_K), (Q4_K, Q8_0), (Q8_0, Q4_0)], ids=lambda t: t.name)
 def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, down_type, seed):
     """Each token's chosen experts (several tokens sharing some), weighted and summed; the expert
@@ -109,7 +131,7 @@ def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, dow
     up, up_dense = quantised(torch.randn(n_experts, hidden, dim, generator=g), gate_type)
     down, down_dense = quantised(torch.randn(n_experts, dim, hidden, generator=g) / 8, down_type)
     gate_block, down_block = activation_block(gate_type), activation_block(down_type)
-    for tokens in (1, 4, products.DECODE_TOKENS, 40):  # 40: experts with more rows than a kernel's tile
+    for tokens in (1, 4, products.DECODE_TOKENS, 40, 70):  # 40, 70: 24 and 42 rows an expert (panels)
         x = torch.randn(tokens, dim, generator=g)
         ids = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).int()  # [T, k]
         weights = torch.rand(tokens, k, generator=g)
@@ -121,6 +143,9 @@ def test_swiglu_experts_are_the_formula_on_8_bit_activations(use, gate_type, dow
                 h = (F.silu(gate_dense[e] @ xt) * (up_dense[e] @ xt)).float()
                 expected[t] += weights[t, j].double() * (down_dense[e] @ rounded_activations(h, down_block).double())
         got = products.swiglu_experts(gate, up, gate_type, down, down_type, x, ids, weights)
+        if tokens * k > products.EXPERT_ROWS * n_experts and not products.panels_take(gate_type, down_type):
+            assert got is None  # many rows an expert, a type without panels: ggml's
+            continue
         # the hidden values are rounded to 8 bits after float32 arithmetic that may differ in the
         # last bit from torch's: a rare value rounds to the next step (1/127 of its block's largest)
         assert rel_err(got, expected) < 1e-3
@@ -139,18 +164,20 @@ def test_transposed_dequantisation_is_the_dequantised_weights_transposed(use, bl
 
 
 @needs_build
-def test_calls_the_kernels_do_not_take_fall_back():
-    """Prefill-sized dense products, experts with many rows each and block types without a kernel
-    here are left to ggml (None)."""
-    blocks, _ = quantised(torch.randn(4, 256), Q4_K)
-    assert products.matmul(blocks, Q4_K, 256, torch.randn(products.DECODE_TOKENS + 1, 256)) is None
-    experts, _ = quantised(torch.randn(2, 256, 256), Q4_K)
+def test_calls_the_kernels_do_not_take_fall_back(use):
+    """Prefill-sized products of block types without a panel kernel here, experts with many rows
+    each in such types and block types without any kernel here are left to ggml (None)."""
+    for block_type in (Q4_K, Q6_K):
+        blocks, _ = quantised(torch.randn(4, 256), block_type)
+        prefill = products.matmul(blocks, block_type, 256, torch.randn(products.DECODE_TOKENS + 1, 256))
+        assert (prefill is None) == (not products.panels_take(block_type))
+    experts, _ = quantised(torch.randn(2, 256, 256), Q6_K)
     tokens = products.EXPERT_ROWS + 1  # every token chooses both experts: EXPERT_ROWS + 1 rows each
     ids, weights = torch.tensor([[0, 1]] * tokens, dtype=torch.int32), torch.ones(tokens, 2)
-    assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens, 256), ids, weights) is None
-    assert products.swiglu_experts(experts, experts, Q4_K, experts, Q4_K, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
+    assert products.swiglu_experts(experts, experts, Q6_K, experts, Q6_K, torch.randn(tokens, 256), ids, weights) is None
+    assert products.swiglu_experts(experts, experts, Q6_K, experts, Q6_K, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
     assert not products.takes(GGUF_BLOCK_TYPES["iq4_xs"]) and products.takes(Q4_K, Q6_K, Q8_0, Q4_0)
-    assert products.dequantize_transposed(experts, Q4_K, 256) is None  # 32-value block types only
+    assert products.dequantize_transposed(experts, Q6_K, 256) is None  # 32-value block types only
 
 
 @needs_build

@@ -1,4 +1,4 @@
-"""Compiling quant_products.c for this machine, once, and loading it.
+"""Compiling localv3's CPU kernels (quant_products.c, quant_panels.c) for this machine, once, and loading it.
 
 The library is built with the host C compiler (`$CC`, else `cc`) and `-march=native`, so it
 uses the widest SIMD the CPU has (AVX-512BW, else AVX2), and is kept under
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from localv3.files import warn
 
-SOURCE = Path(__file__).with_name("quant_products.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("quant_products.c", "quant_panels.c"))
+HEADERS = (Path(__file__).with_name("quant_blocks.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 SWITCH = "LOCALV3_CPU_KERNELS"  # "ggml": do not use these kernels
 
@@ -29,6 +30,8 @@ P, I, L, SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_size_t
 _SIGNATURES = {  # name -> (result, arguments)
     "lv3_supports": (I, [I]),
     "lv3_avx512": (I, []),
+    "lv3_panel_takes": (I, [I]),
+    "lv3_panel_min_tokens": (I, []),
     "lv3_matmul": (I, [I, P, SIZE, L, I, P, SIZE, I, P, SIZE, I, I]),
     "lv3_swiglu_experts": (I, [I, P, P, SIZE, I, P, SIZE, I, I, P, I, P, P, I, P, I]),
     "lv3_dequantize_transposed": (I, [I, P, L, L, I, P, I]),
@@ -62,7 +65,9 @@ def _cpu_identity() -> str:
 
 
 def cache_key(compiler: str, flags: tuple[str, ...] = FLAGS) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in (*SOURCES, *HEADERS):
+        digest.update(source.read_bytes())
     for part in (compiler, " ".join(flags), _cpu_identity()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -80,7 +85,7 @@ def compile_library(directory: Path, flags: tuple[str, ...] = FLAGS) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], check=True, capture_output=True, text=True, timeout=120)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(partial), "-lm"], check=True, capture_output=True, text=True, timeout=120)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)

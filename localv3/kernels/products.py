@@ -1,12 +1,13 @@
 """torch-facing calls of localv3's CPU kernels (quant_products.c): products of block-quantised
 weights with a few float32 activation rows, for the modules in localv3.formats.modules.
 
-They serve decode-sized calls (at most DECODE_TOKENS rows): there the product is a matter of
-reading the weights, which these kernels do near the memory bandwidth. Larger calls (prefill
-chunks) are compute-bound; ggml's matrix-matrix kernels are faster there, except for routed
-experts that get few rows each (a 512-token chunk of DeepSeek-V3 gives each of its 256 experts
-16 on average), where ours are. Every function returns None when the kernels do not take the
-call, and the caller uses ggml's.
+Decode-sized calls (at most DECODE_TOKENS rows) are a matter of reading the weights, which the
+row kernels do near the memory bandwidth. Larger calls (prefill chunks) are compute-bound: there
+the panel kernels (quant_panels.c, AVX-512 VNNI builds) take the block types they have, and
+ggml's matrix-matrix kernels the others, except for routed experts that get few rows each (a
+512-token chunk of DeepSeek-V3 gives each of its 256 experts 16 on average), where the row
+kernels beat ggml's. Every function returns None when the kernels do not take the call, and the
+caller uses ggml's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def takes(*block_types: BlockType) -> bool:
     return kernels is not None and all(kernels.lv3_supports(block_type.ggml_type) for block_type in block_types)
 
 
+def panels_take(*block_types: BlockType) -> bool:
+    """Whether the panel kernels (prefill-sized products) compute these block types here."""
+    kernels = library()
+    return kernels is not None and all(kernels.lv3_panel_takes(block_type.ggml_type) for block_type in block_types)
+
+
 def _checked(status: int, what: str) -> None:
     if status == -2:
         raise KernelError(f"out of memory for the scratch space of localv3's CPU kernels ({what})")
@@ -50,8 +57,10 @@ def matmul(weights: torch.Tensor, block_type: BlockType, in_features: int, x: to
     grouped = weights.dim() == 3
     groups, rows = (weights.shape[0], weights.shape[1]) if grouped else (1, weights.shape[0])
     tokens = x.shape[-2]
-    if not 1 <= tokens <= DECODE_TOKENS or not weights.is_contiguous() or not takes(block_type):
+    if not tokens or not weights.is_contiguous() or not takes(block_type):
         return None  # (the kernel walks the groups and rows of one contiguous block of memory)
+    if tokens > DECODE_TOKENS and not panels_take(block_type):
+        return None
     x = x.to(torch.float32).contiguous()
     out = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
     status = library().lv3_matmul(
@@ -73,7 +82,7 @@ def swiglu_experts(
     tokens, k = ids.shape
     if not tokens or not takes(gate_type, down_type) or gate.stride(0) != up.stride(0):
         return None
-    if tokens > DECODE_TOKENS and tokens * k > EXPERT_ROWS * ids.unique().numel():
+    if tokens > DECODE_TOKENS and not panels_take(gate_type, down_type) and tokens * k > EXPERT_ROWS * ids.unique().numel():
         return None
     dim, hidden = down.shape[1], gate.shape[1]
     x = x.to(torch.float32).contiguous()

@@ -19,47 +19,10 @@
  * Threads: OpenMP, one parallel region per call, rows split evenly between the threads.
  */
 #define _GNU_SOURCE /* qsort_r */
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <immintrin.h>
-#include <omp.h>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
-#define LV3_AVX512 1
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define LV3_AVX512 0
-#else
-#error "localv3's CPU kernels need AVX2 with FMA and F16C, or AVX-512BW"
-#endif
-
-enum { TYPE_Q4_0 = 2, TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q6_K = 14 }; /* enum ggml_type */
+#include "quant_blocks.h"
 
 #define PREFETCH_AHEAD 4096 /* bytes; measured best at 2-8 KB on a V3 expert (2 threads) */
 #define TILE_TOKENS 16      /* activation rows a row kernel takes at once (its accumulators) */
-
-/* ----- block layouts ---------------------------------------------------------------------- */
-typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_k; /* 144 bytes */
-typedef struct { uint16_t d; int8_t qs[32]; } __attribute__((packed)) block_q8_0;     /* 34 bytes */
-typedef struct { uint16_t d; uint8_t qs[16]; } __attribute__((packed)) block_q4_0;    /* 18 bytes */
-/* Q6_K: 256 weights of 6 bits (low 4 in ql, high 2 in qh) minus 32, in 16 groups of 16 with an
- * int8 scale each, under one fp16 scale d. Within each half of 128 weights, ql[l] holds weights
- * l (low nibble) and l + 64 (high nibble), ql[l + 32] weights l + 32 and l + 96, and qh[l] the
- * high bits of weights l, l + 32, l + 64, l + 96 (bits 0-1, 2-3, 4-5, 6-7), for l < 32. */
-typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } __attribute__((packed)) block_q6_k; /* 210 bytes */
-
-/* Activations for Q4_K and Q6_K: 256 values, one scale, the sums of each 32-value and each
- * 16-value group. For Q4_K with AVX-512 the values are stored in the order of a 64-byte load of
- * Q4_K nibbles (sub-blocks 0,2 | 1,3 | 4,6 | 5,7: low nibbles of qs[0:64] are weights 0-31 and
- * 64-95, high nibbles 32-63 and 96-127); otherwise in their natural order. */
-typedef struct { int8_t q[256]; float d; int16_t bsum[8]; int16_t bsum16[16]; uint8_t pad[12]; } act_256; /* 320 bytes */
-/* Activations for Q8_0 and Q4_0: 32 values, one scale, their sum. */
-typedef struct { int8_t q[32]; float d; int32_t sum; } act_32; /* 40 bytes */
-
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 static float max_abs(const float *x, int n) {
     float amax = 0.f;
@@ -73,13 +36,6 @@ static float quantize_8bit(const float *x, int n, int8_t *q) {
     for (int i = 0; i < n; i++) q[i] = (int8_t)lrintf(x[i] * inverse);
     return d;
 }
-
-static const int natural_order[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-#if LV3_AVX512
-static const int q4_k_order[8] = {0, 2, 1, 3, 4, 6, 5, 7}; /* the sub-block stored in each 32-byte slot */
-#else
-#define q4_k_order natural_order
-#endif
 
 static void quantize_256(const float *x, int n, const int *order, act_256 *out) {
     for (int b = 0; b < n / 256; b++) {
@@ -104,18 +60,6 @@ static void quantize_32(const float *x, int n, act_32 *out) {
         for (int i = 0; i < 32; i++) sum += out[b].q[i];
         out[b].sum = sum;
     }
-}
-
-/* Q4_K's 6-bit scales and mins of the 8 sub-blocks, as 8 bytes each */
-static inline void q4_k_scales(const uint8_t *s, uint64_t *scales, uint64_t *mins) {
-    uint32_t w0, w1, w2;
-    memcpy(&w0, s, 4);
-    memcpy(&w1, s + 4, 4);
-    memcpy(&w2, s + 8, 4);
-    uint32_t scales_hi = (w2 & 0x0f0f0f0f) | (((w0 >> 6) & 0x03030303) << 4);
-    uint32_t mins_hi = ((w2 >> 4) & 0x0f0f0f0f) | (((w1 >> 6) & 0x03030303) << 4);
-    *scales = (uint64_t)(w0 & 0x3f3f3f3f) | ((uint64_t)scales_hi << 32);
-    *mins = (uint64_t)(w1 & 0x3f3f3f3f) | ((uint64_t)mins_hi << 32);
 }
 
 static inline void prefetch_lines(const uint8_t *p, int lines) {
@@ -373,6 +317,20 @@ static void row_product(int type, const uint8_t *row, const uint8_t *act, size_t
     }
 }
 
+/* PANEL_ROWS rows (or fewer: the last of a matrix), row_bytes apart, times `tokens` activation rows:
+ * a panel where this build has one for the type and there are tokens enough to repay packing it,
+ * else row by row. */
+#define PANEL_MIN_TOKENS 16
+static void tile_product(int type, const uint8_t *w, size_t row_bytes, int rows, const uint8_t *act, size_t act_bytes,
+                         int tokens, int nb, float *out, size_t out_stride, panel_tokens *packed) {
+    if (tokens >= PANEL_MIN_TOKENS && panel_takes(type) &&
+        panel_product(type, w, row_bytes, rows, nb, act, act_bytes, tokens, out, out_stride, packed) == 0)
+        return; /* (out of memory for the panel: the row kernels need none) */
+    for (int r = 0; r < rows; r++) row_product(type, w + r * row_bytes, act, act_bytes, tokens, nb, out + r, out_stride);
+}
+
+static int tile_rows(long rows, long first) { return rows - first < PANEL_ROWS ? (int)(rows - first) : PANEL_ROWS; }
+
 /* A per-thread scratch buffer that only grows: no allocation per call once warm. */
 static __thread uint8_t *scratch_memory;
 static __thread size_t scratch_size;
@@ -402,6 +360,11 @@ int lv3_supports(int type) {
 
 int lv3_avx512(void) { return LV3_AVX512; }
 
+/* whether products of this type with PANEL_MIN_TOKENS or more activation rows run as panels */
+int lv3_panel_takes(int type) { return panel_takes(type); }
+
+int lv3_panel_min_tokens(void) { return PANEL_MIN_TOKENS; }
+
 /* For each of `groups` groups g: out_g [tokens, rows] = x_g [tokens, n] . W_g [rows, n]^T, where
  * W_g is at w + g * w_group_bytes, x_g at x + g * x_group_floats, out_g at out + g * out_group_floats.
  * Returns 0, or -1 for a type this file has no kernel for (or a bad shape), -2 out of memory. */
@@ -413,19 +376,18 @@ int lv3_matmul(int type, const uint8_t *w, size_t w_group_bytes, long rows, int 
     const size_t act_row = nb * info.act_bytes, row_bytes = nb * info.block_bytes;
     uint8_t *act = scratch((size_t)groups * tokens * act_row);
     if (!act) return -2;
-    const long work = (long)groups * rows;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (long i = 0; i < (long)groups * tokens; i++)
             quantize_activation(type, x + (i / tokens) * x_group_floats + (i % tokens) * n, n, act + i * act_row);
-        /* this thread's share of the rows, walked without a division per row (short rows are cheap) */
-        const long begin = work * omp_get_thread_num() / omp_get_num_threads(), end = work * (omp_get_thread_num() + 1) / omp_get_num_threads();
-        long g = begin / rows, r = begin % rows;
-        for (long i = begin; i < end; i++) {
-            row_product(type, w + g * w_group_bytes + r * row_bytes, act + g * tokens * act_row, act_row, tokens, nb,
-                        out + g * out_group_floats + r, rows);
-            if (++r == rows) r = 0, g++;
+        const long tiles = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+        panel_tokens packed = {0};
+#pragma omp for schedule(static)
+        for (long i = 0; i < groups * tiles; i++) {
+            const long g = i / tiles, first = i % tiles * PANEL_ROWS;
+            tile_product(type, w + g * w_group_bytes + first * row_bytes, row_bytes, tile_rows(rows, first), act + g * tokens * act_row,
+                         act_row, tokens, nb, out + g * out_group_floats + first, rows, &packed);
         }
     }
     return 0;
@@ -475,13 +437,15 @@ int lv3_swiglu_experts(int gate_type, const uint8_t *gate, const uint8_t *up, si
             for (int j = 1; j < k; j++) memcpy(xa + position[t * k + j] * x_act, xa + first * x_act, x_act);
         }
         /* each chosen expert's gate and up rows, for all of its tokens at once */
+        const int hidden_tiles = (hidden + PANEL_ROWS - 1) / PANEL_ROWS, dim_tiles = (dim + PANEL_ROWS - 1) / PANEL_ROWS;
+        panel_tokens packed = {0};
 #pragma omp for schedule(static)
-        for (long i = 0; i < (long)groups * hidden; i++) {
-            const int g = (int)(i / hidden), r = (int)(i % hidden), first = group_start[g], count = group_start[g + 1] - first;
+        for (long i = 0; i < (long)groups * hidden_tiles; i++) {
+            const int g = (int)(i / hidden_tiles), r = (int)(i % hidden_tiles) * PANEL_ROWS, first = group_start[g], count = group_start[g + 1] - first;
             const size_t expert = (size_t)ids[order[first]], offset = expert * gate_up_stride + r * gate_row;
             float *slot = gu + (size_t)first * 2 * hidden + r;
-            row_product(gate_type, gate + offset, xa + first * x_act, x_act, count, gate_nb, slot, 2 * hidden);
-            row_product(gate_type, up + offset, xa + first * x_act, x_act, count, gate_nb, slot + hidden, 2 * hidden);
+            tile_product(gate_type, gate + offset, gate_row, tile_rows(hidden, r), xa + first * x_act, x_act, count, gate_nb, slot, 2 * hidden, &packed);
+            tile_product(gate_type, up + offset, gate_row, tile_rows(hidden, r), xa + first * x_act, x_act, count, gate_nb, slot + hidden, 2 * hidden, &packed);
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < pairs; p++) {
@@ -490,11 +454,11 @@ int lv3_swiglu_experts(int gate_type, const uint8_t *gate, const uint8_t *up, si
             quantize_activation(down_type, slot, hidden, ha + p * h_act);
         }
 #pragma omp for schedule(static)
-        for (long i = 0; i < (long)groups * dim; i++) {
-            const int g = (int)(i / dim), r = (int)(i % dim), first = group_start[g], count = group_start[g + 1] - first;
+        for (long i = 0; i < (long)groups * dim_tiles; i++) {
+            const int g = (int)(i / dim_tiles), r = (int)(i % dim_tiles) * PANEL_ROWS, first = group_start[g], count = group_start[g + 1] - first;
             const size_t expert = (size_t)ids[order[first]];
-            row_product(down_type, down + expert * down_stride + r * down_row, ha + first * h_act, h_act, count, down_nb,
-                        y + (size_t)first * dim + r, dim);
+            tile_product(down_type, down + expert * down_stride + r * down_row, down_row, tile_rows(dim, r), ha + first * h_act, h_act, count,
+                         down_nb, y + (size_t)first * dim + r, dim, &packed);
         }
         /* out[t] = sum over j of weights[t, j] * output of (t, j), in j's order whatever the ids */
 #pragma omp for schedule(static)

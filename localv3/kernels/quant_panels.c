@@ -1,0 +1,221 @@
+/* localv3's CPU products of block-quantised weights with many activation rows (prefill chunks,
+ * routed experts that get many tokens each).
+ *
+ * There the product is compute-bound, and the row kernels of quant_products.c spend two
+ * instructions per 64 multiply-adds (an 8-bit multiply to 16-bit pairs, then a scaled sum to
+ * 32 bits). A panel spends one: PANEL_ROWS weight rows are repacked so that each 512-bit register
+ * holds 4 consecutive values of 16 rows, and one VNNI instruction (vpdpbusd) multiplies them with
+ * 4 values of one token broadcast to every lane and adds them to 16 int32 sums, one per row.
+ * Block scales are applied per 32-value sub-block in float32. A panel is packed into a per-thread
+ * buffer (it stays in L2) and serves every token, PANEL_TOKENS at a time, the two 16-row halves
+ * sharing each broadcast (12 independent sums keep both VNNI ports busy).
+ *
+ * The numbers are the row kernels' exactly: the same 8-bit activations, the same integer sums
+ * per sub-block; only the float32 summation order differs.
+ *
+ * Panels need AVX-512 with VNNI; other builds take no panel types and keep the row kernels.
+ */
+#include "quant_blocks.h"
+
+#if LV3_AVX512 && defined(__AVX512VNNI__)
+#define LV3_PANELS 1
+#else
+#define LV3_PANELS 0
+#endif
+
+#define PANEL_TOKENS 6 /* activation rows at once: with two halves, 12 int32 and 12 float32 accumulators */
+
+#if LV3_PANELS
+/* a per-thread buffer that only grows */
+typedef struct { uint8_t *memory; size_t size; } growing;
+
+static uint8_t *grown(growing *buffer, size_t bytes) {
+    if (bytes > buffer->size) {
+        free(buffer->memory);
+        buffer->size = 0;
+        if (posix_memalign((void **)&buffer->memory, 64, bytes)) return buffer->memory = NULL;
+        buffer->size = bytes;
+    }
+    return buffer->memory;
+}
+
+static __thread growing tokens_memory, sums_memory;
+
+/* One Q4_K super-block (256 values) of PANEL_ROWS rows, as two halves of 16 (one register
+ * each). The values are in the activations' slot order (q4_k_order: the slot s of 32 values
+ * holds sub-block q4_k_order[s]). */
+typedef struct {
+    uint8_t q[8][8][2][64];   /* [slot][group of 4 values][half][row * 4 + value]: unsigned 4-bit values */
+    float scale[8][2][16];    /* [slot][half][row]: d * the slot's sub-block scale */
+    int16_t min[4][2][16][2]; /* [pair of sub-blocks][half][row][sub-block in the pair]: the 6-bit mins */
+    float dmin[2][16];        /* [half][row] */
+} panel_q4_k;                 /* 9856 bytes, a multiple of 64 */
+
+/* 16 registers of 16 int32 each, as a 16 x 16 matrix, transposed in place */
+static inline void transpose_16x16(__m512i m[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
+    }
+    /* in each 128-bit lane L of m[4i + j] below: rows 4i..4i+3 of column 4L + j */
+    for (int i = 0; i < 4; i++) {
+        m[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        m[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        m[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        m[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(m[j], m[4 + j], 0x44), v1 = _mm512_shuffle_i32x4(m[j], m[4 + j], 0xee);
+        const __m512i v2 = _mm512_shuffle_i32x4(m[8 + j], m[12 + j], 0x44), v3 = _mm512_shuffle_i32x4(m[8 + j], m[12 + j], 0xee);
+        t[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        t[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        t[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) m[i] = t[i];
+}
+
+/* super-block b of the rows at w (row_bytes apart; rows <= PANEL_ROWS, the others zeros) */
+static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_q4_k *p) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    {
+        for (int h = 0; h < 2; h++) {
+            __m512i values[4][16]; /* [64-byte run][row]: runs 0-3 are slots 0-1, 2-3, 4-5, 6-7 */
+            for (int r = 0; r < 16; r++) {
+                const int row = 16 * h + r;
+                if (row >= rows) { /* a missing row: zero values and scales */
+                    for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
+                    for (int s = 0; s < 8; s++) p->scale[s][h][r] = 0.f, p->min[s / 2][h][r][s % 2] = 0;
+                    p->dmin[h][r] = 0.f;
+                    continue;
+                }
+                const block_q4_k *block = (const block_q4_k *)(w + row * row_bytes) + b;
+                uint64_t sc, mn;
+                q4_k_scales(block->scales, &sc, &mn);
+                const float d = half_to_float(block->d);
+                for (int s = 0; s < 8; s++) {
+                    p->scale[s][h][r] = d * (float)((sc >> (8 * q4_k_order[s])) & 0xff);
+                    p->min[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
+                }
+                p->dmin[h][r] = half_to_float(block->dmin);
+                const __m512i q0 = _mm512_loadu_si512(block->qs), q1 = _mm512_loadu_si512(block->qs + 64);
+                values[0][r] = _mm512_and_si512(q0, low4);
+                values[1][r] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
+                values[2][r] = _mm512_and_si512(q1, low4);
+                values[3][r] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4);
+            }
+            /* run i holds dword g of slot 2i + g / 8 in lane g of each row: transposed, register g
+               is group g % 8 of slot 2i + g / 8 for the 16 rows, i.e. p->q[2i + g / 8][g % 8][h] */
+            for (int i = 0; i < 4; i++) {
+                transpose_16x16(values[i]);
+                for (int g = 0; g < 16; g++) _mm512_store_si512(p->q[2 * i + g / 8][g % 8][h], values[i][g]);
+            }
+        }
+    }
+}
+
+static inline int32_t load_int32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The activations of PANEL_TOKENS tokens for one super-block, interleaved for the panel kernel:
+ * each 4-value group of every token next to the same group of the others (one 32-byte run),
+ * so that the kernel reads every broadcast from one pointer. Missing tokens are zeros. */
+typedef struct {
+    int32_t q[8][8][PANEL_TOKENS]; /* [slot][group][token]: 4 int8 values */
+    int32_t bsum[4][PANEL_TOKENS]; /* [pair of sub-blocks][token]: the two sub-blocks' int16 sums */
+    float d[PANEL_TOKENS];         /* [token] */
+} act_tile_q4_k;                   /* 2208 bytes */
+
+/* act rows -> tiles [super-block][tile of PANEL_TOKENS tokens] */
+static void pack_act_q4_k(const uint8_t *act, size_t act_bytes, int tokens, int nb, act_tile_q4_k *tiles) {
+    const size_t count = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+    for (int first = 0; first < tokens; first += PANEL_TOKENS) {
+        act_tile_q4_k *tile = tiles + first / PANEL_TOKENS;
+        for (size_t b = 0; b < (size_t)nb; b++)
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                if (first + t >= tokens) {
+                    for (int s = 0; s < 8; s++)
+                        for (int g = 0; g < 8; g++) tile[b * count].q[s][g][t] = 0;
+                    for (int i = 0; i < 4; i++) tile[b * count].bsum[i][t] = 0;
+                    tile[b * count].d[t] = 0.f;
+                    continue;
+                }
+                const act_256 *a = (const act_256 *)(act + (first + t) * act_bytes) + b;
+                for (int s = 0; s < 8; s++)
+                    for (int g = 0; g < 8; g++) tile[b * count].q[s][g][t] = load_int32(a->q + 32 * s + 4 * g);
+                for (int i = 0; i < 4; i++) memcpy(&tile[b * count].bsum[i][t], a->bsum + 2 * i, 4);
+                tile[b * count].d[t] = a->d;
+            }
+    }
+}
+
+/* one super-block of the panel times one tile's tokens, added to sums [token][half][row] */
+static void panel_q4_k_block(const panel_q4_k *p, const act_tile_q4_k *a, float sums[PANEL_TOKENS][2][16]) {
+    __m512 block[PANEL_TOKENS][2];
+    for (int t = 0; t < PANEL_TOKENS; t++) block[t][0] = block[t][1] = _mm512_setzero_ps();
+    for (int s = 0; s < 8; s++) {
+        __m512i dot[PANEL_TOKENS][2];
+        for (int t = 0; t < PANEL_TOKENS; t++) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            const __m512i low = _mm512_load_si512(p->q[s][g][0]), high = _mm512_load_si512(p->q[s][g][1]);
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                const __m512i x = _mm512_set1_epi32(a->q[s][g][t]);
+                dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], low, x);
+                dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], high, x);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 scale = _mm512_load_ps(p->scale[s][h]);
+            for (int t = 0; t < PANEL_TOKENS; t++) block[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t][h]), scale, block[t][h]);
+        }
+    }
+    /* minus dmin * (mins . the token's sub-block sums), all times the token's scale */
+    for (int h = 0; h < 2; h++) {
+        const __m512 dmin = _mm512_load_ps(p->dmin[h]);
+        for (int t = 0; t < PANEL_TOKENS; t++) {
+            __m512i mins = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) mins = _mm512_dpwssd_epi32(mins, _mm512_load_si512(p->min[i][h]), _mm512_set1_epi32(a->bsum[i][t]));
+            const __m512 scaled = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), dmin, block[t][h]);
+            _mm512_store_ps(sums[t][h], _mm512_fmadd_ps(scaled, _mm512_set1_ps(a->d[t]), _mm512_load_ps(sums[t][h])));
+        }
+    }
+}
+#endif
+
+int panel_takes(int type) { return LV3_PANELS && type == TYPE_Q4_K; }
+
+int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb, const uint8_t *act, size_t act_bytes,
+                  int tokens, float *out, size_t out_stride, panel_tokens *packed) {
+#if LV3_PANELS
+    if (type == TYPE_Q4_K) {
+        /* super-block by super-block: each packed (in L1) and used for every token tile */
+        typedef float tile_sums[PANEL_TOKENS][2][16];
+        const size_t tiles = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+        act_tile_q4_k *act_tiles = (act_tile_q4_k *)grown(&tokens_memory, tiles * nb * sizeof(act_tile_q4_k));
+        tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
+        if (!act_tiles || !sums) return -2;
+        if (packed->act != act || packed->tokens != tokens || packed->type != type) {
+            pack_act_q4_k(act, act_bytes, tokens, nb, act_tiles);
+            *packed = (panel_tokens){act, tokens, type};
+        }
+        memset(sums, 0, tiles * sizeof(tile_sums));
+        panel_q4_k panel __attribute__((aligned(64)));
+        for (int b = 0; b < nb; b++) {
+            pack_q4_k(w, row_bytes, rows, b, &panel);
+            for (size_t i = 0; i < tiles; i++) panel_q4_k_block(&panel, act_tiles + b * tiles + i, sums[i]);
+        }
+        const uint32_t all = rows == 32 ? 0xffffffffu : (1u << rows) - 1;
+        const __mmask16 kept[2] = {(__mmask16)all, (__mmask16)(all >> 16)};
+        for (int t = 0; t < tokens; t++)
+            for (int h = 0; h < 2; h++)
+                _mm512_mask_storeu_ps(out + t * out_stride + 16 * h, kept[h], _mm512_load_ps(sums[t / PANEL_TOKENS][t % PANEL_TOKENS][h]));
+        return 0;
+    }
+#endif
+    (void)type, (void)w, (void)row_bytes, (void)rows, (void)nb, (void)act, (void)act_bytes, (void)tokens, (void)out, (void)out_stride, (void)packed;
+    return -1;
+}
