@@ -99,24 +99,26 @@ def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block
 
 @needs_build
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("n", [256, 1280])
-def test_prefill_products_are_the_same_formula(use, n, seed):
+@pytest.mark.parametrize(
+    "block_type,n", [(Q4_K, 256), (Q4_K, 1280), (Q6_K, 256), (Q8_0, 96), (Q8_0, 1280)], ids=lambda v: getattr(v, "name", v)
+)
+def test_prefill_products_are_the_same_formula(use, block_type, n, seed):
     """Prefill-sized products (more than DECODE_TOKENS rows) of the block types the panel kernels
     take here: the same numbers as decoding's; token counts around the panels' tiles and their
-    minimum, row counts that are not a multiple of a panel's rows. Types without a panel kernel
-    (all of them in the AVX2 build) are left to ggml."""
+    minimum, row counts that are not a multiple of a panel's rows, block counts that are not a
+    multiple of those packed at once (Q8_0: 3, 40). Types without a panel kernel (all of them in
+    the AVX2 build) are left to ggml."""
     g = torch.Generator().manual_seed(seed)
     groups, rows = 2, 37
-    for block_type in (Q4_K, Q6_K, Q8_0):
-        blocks, dense = quantised(torch.randn(groups, rows, n, generator=g), block_type)
-        for tokens in (products.DECODE_TOKENS + 1, 15, 16, 17, 40, 96):
-            x = torch.randn(groups, tokens, n, generator=g) * torch.rand(groups, tokens, 1, generator=g) * 4
-            got = products.matmul(blocks, block_type, n, x)
-            if not products.panels_take(block_type):
-                assert got is None
-                continue
-            expected = rounded_activations(x, activation_block(block_type)).double() @ dense.transpose(1, 2)
-            assert rel_err(got, expected) < EXACT
+    blocks, dense = quantised(torch.randn(groups, rows, n, generator=g), block_type)
+    for tokens in (products.DECODE_TOKENS + 1, 15, 16, 17, 40, 96):
+        x = torch.randn(groups, tokens, n, generator=g) * torch.rand(groups, tokens, 1, generator=g) * 4
+        got = products.matmul(blocks, block_type, n, x)
+        if not products.panels_take(block_type):
+            assert got is None
+            continue
+        expected = rounded_activations(x, activation_block(block_type)).double() @ dense.transpose(1, 2)
+        assert rel_err(got, expected) < EXACT
 
 
 @needs_build

@@ -184,38 +184,141 @@ static void panel_q4_k_block(const panel_q4_k *p, const act_tile_q4_k *a, float 
         }
     }
 }
+
+/* ----- Q8_0 ---------------------------------------------------------------------------------- */
+#define Q8_0_CHUNK 8 /* blocks of 32 values packed at once (as a Q4_K super-block: 256 values) */
+
+/* One Q8_0 block (32 values) of PANEL_ROWS rows. vpdpbusd multiplies unsigned by signed bytes:
+ * the weights are stored plus 128 (unsigned), and the products' excess 128 * (sum of the token's
+ * values) is taken off per block. */
+typedef struct {
+    uint8_t q[8][2][64]; /* [group of 4 values][half][row * 4 + value]: the values + 128 */
+    float scale[2][16];  /* [half][row]: d */
+} panel_q8_0;            /* 1152 bytes */
+
+typedef struct {
+    int32_t q[8][PANEL_TOKENS]; /* [group][token]: 4 int8 values */
+    int32_t excess[PANEL_TOKENS]; /* [token]: 128 * the sum of the block's values */
+    float d[PANEL_TOKENS];       /* [token] */
+} act_tile_q8_0;                 /* 240 bytes */
+
+/* blocks first..first+count-1 (count <= Q8_0_CHUNK) of the rows at w -> panel[0..count-1] */
+static void pack_q8_0(const uint8_t *w, size_t row_bytes, int rows, int first, int count, panel_q8_0 *panel) {
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    for (int h = 0; h < 2; h++)
+        for (int pair = 0; pair < count; pair += 2) {
+            __m512i values[16]; /* [row]: blocks first + pair and first + pair + 1 */
+            for (int r = 0; r < 16; r++) {
+                const int row = 16 * h + r;
+                if (row >= rows) {
+                    values[r] = _mm512_setzero_si512();
+                    panel[pair].scale[h][r] = 0.f;
+                    if (pair + 1 < count) panel[pair + 1].scale[h][r] = 0.f;
+                    continue;
+                }
+                const block_q8_0 *block = (const block_q8_0 *)(w + row * row_bytes) + first + pair;
+                const __m256i lo = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)block[0].qs), bias);
+                const __m256i hi = pair + 1 < count ? _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)block[1].qs), bias) : _mm256_setzero_si256();
+                values[r] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                panel[pair].scale[h][r] = half_to_float(block[0].d);
+                if (pair + 1 < count) panel[pair + 1].scale[h][r] = half_to_float(block[1].d);
+            }
+            transpose_16x16(values); /* register g: group g % 8 of block pair + g / 8, the 16 rows */
+            for (int g = 0; g < 16; g++)
+                if (pair + g / 8 < count) _mm512_store_si512(panel[pair + g / 8].q[g % 8][h], values[g]);
+        }
+}
+
+/* act_32 rows -> tiles [block][tile of PANEL_TOKENS tokens] */
+static void pack_act_q8_0(const uint8_t *act, size_t act_bytes, int tokens, int nb, act_tile_q8_0 *tiles) {
+    const size_t count = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+    for (int first = 0; first < tokens; first += PANEL_TOKENS) {
+        act_tile_q8_0 *tile = tiles + first / PANEL_TOKENS;
+        for (size_t b = 0; b < (size_t)nb; b++)
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                act_tile_q8_0 *out = tile + b * count;
+                if (first + t >= tokens) {
+                    for (int g = 0; g < 8; g++) out->q[g][t] = 0;
+                    out->excess[t] = 0, out->d[t] = 0.f;
+                    continue;
+                }
+                const act_32 *a = (const act_32 *)(act + (first + t) * act_bytes) + b;
+                for (int g = 0; g < 8; g++) out->q[g][t] = load_int32(a->q + 4 * g);
+                out->excess[t] = 128 * a->sum, out->d[t] = a->d;
+            }
+    }
+}
+
+/* `count` blocks of the panel times one tile's tokens (its blocks `stride` tiles apart), added
+ * to sums [token][half][row] */
+static void panel_q8_0_chunk(const panel_q8_0 *p, int count, const act_tile_q8_0 *a, size_t stride, float sums[PANEL_TOKENS][2][16]) {
+    __m512 chunk[PANEL_TOKENS][2];
+    for (int t = 0; t < PANEL_TOKENS; t++) chunk[t][0] = chunk[t][1] = _mm512_setzero_ps();
+    for (int b = 0; b < count; b++, a += stride) {
+        __m512i dot[PANEL_TOKENS][2];
+        for (int t = 0; t < PANEL_TOKENS; t++) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            const __m512i low = _mm512_load_si512(p[b].q[g][0]), high = _mm512_load_si512(p[b].q[g][1]);
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                const __m512i x = _mm512_set1_epi32(a->q[g][t]);
+                dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], low, x);
+                dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], high, x);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 scale = _mm512_load_ps(p[b].scale[h]);
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[t][h], _mm512_set1_epi32(a->excess[t])));
+                chunk[t][h] = _mm512_fmadd_ps(exact, _mm512_mul_ps(scale, _mm512_set1_ps(a->d[t])), chunk[t][h]);
+            }
+        }
+    }
+    for (int t = 0; t < PANEL_TOKENS; t++)
+        for (int h = 0; h < 2; h++) _mm512_store_ps(sums[t][h], _mm512_add_ps(chunk[t][h], _mm512_load_ps(sums[t][h])));
+}
 #endif
 
-int panel_takes(int type) { return LV3_PANELS && type == TYPE_Q4_K; }
+int panel_takes(int type) { return LV3_PANELS && (type == TYPE_Q4_K || type == TYPE_Q8_0); }
 
 int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb, const uint8_t *act, size_t act_bytes,
                   int tokens, float *out, size_t out_stride, panel_tokens *packed) {
 #if LV3_PANELS
+    if (!panel_takes(type)) return -1;
+    typedef float tile_sums[PANEL_TOKENS][2][16];
+    const size_t tiles = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+    const size_t tile_bytes = type == TYPE_Q4_K ? sizeof(act_tile_q4_k) : sizeof(act_tile_q8_0);
+    uint8_t *act_tiles = grown(&tokens_memory, tiles * nb * tile_bytes);
+    tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
+    if (!act_tiles || !sums) return -2;
+    if (packed->act != act || packed->tokens != tokens || packed->type != type) {
+        if (type == TYPE_Q4_K) pack_act_q4_k(act, act_bytes, tokens, nb, (act_tile_q4_k *)act_tiles);
+        else pack_act_q8_0(act, act_bytes, tokens, nb, (act_tile_q8_0 *)act_tiles);
+        *packed = (panel_tokens){act, tokens, type};
+    }
+    memset(sums, 0, tiles * sizeof(tile_sums));
+    /* a few blocks at a time: packed (into L1) and used for every token tile */
     if (type == TYPE_Q4_K) {
-        /* super-block by super-block: each packed (in L1) and used for every token tile */
-        typedef float tile_sums[PANEL_TOKENS][2][16];
-        const size_t tiles = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
-        act_tile_q4_k *act_tiles = (act_tile_q4_k *)grown(&tokens_memory, tiles * nb * sizeof(act_tile_q4_k));
-        tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
-        if (!act_tiles || !sums) return -2;
-        if (packed->act != act || packed->tokens != tokens || packed->type != type) {
-            pack_act_q4_k(act, act_bytes, tokens, nb, act_tiles);
-            *packed = (panel_tokens){act, tokens, type};
-        }
-        memset(sums, 0, tiles * sizeof(tile_sums));
         panel_q4_k panel __attribute__((aligned(64)));
         for (int b = 0; b < nb; b++) {
             pack_q4_k(w, row_bytes, rows, b, &panel);
-            for (size_t i = 0; i < tiles; i++) panel_q4_k_block(&panel, act_tiles + b * tiles + i, sums[i]);
+            for (size_t i = 0; i < tiles; i++) panel_q4_k_block(&panel, (const act_tile_q4_k *)act_tiles + b * tiles + i, sums[i]);
         }
-        const uint32_t all = rows == 32 ? 0xffffffffu : (1u << rows) - 1;
-        const __mmask16 kept[2] = {(__mmask16)all, (__mmask16)(all >> 16)};
-        for (int t = 0; t < tokens; t++)
-            for (int h = 0; h < 2; h++)
-                _mm512_mask_storeu_ps(out + t * out_stride + 16 * h, kept[h], _mm512_load_ps(sums[t / PANEL_TOKENS][t % PANEL_TOKENS][h]));
-        return 0;
+    } else {
+        panel_q8_0 panel[Q8_0_CHUNK] __attribute__((aligned(64)));
+        for (int first = 0; first < nb; first += Q8_0_CHUNK) {
+            const int count = nb - first < Q8_0_CHUNK ? nb - first : Q8_0_CHUNK;
+            pack_q8_0(w, row_bytes, rows, first, count, panel);
+            for (size_t i = 0; i < tiles; i++) panel_q8_0_chunk(panel, count, (const act_tile_q8_0 *)act_tiles + first * tiles + i, tiles, sums[i]);
+        }
     }
-#endif
+    const uint32_t all = rows == 32 ? 0xffffffffu : (1u << rows) - 1;
+    const __mmask16 kept[2] = {(__mmask16)all, (__mmask16)(all >> 16)};
+    for (int t = 0; t < tokens; t++)
+        for (int h = 0; h < 2; h++)
+            _mm512_mask_storeu_ps(out + t * out_stride + 16 * h, kept[h], _mm512_load_ps(sums[t / PANEL_TOKENS][t % PANEL_TOKENS][h]));
+    return 0;
+#else
     (void)type, (void)w, (void)row_bytes, (void)rows, (void)nb, (void)act, (void)act_bytes, (void)tokens, (void)out, (void)out_stride, (void)packed;
     return -1;
+#endif
 }
