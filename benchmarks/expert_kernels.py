@@ -2,10 +2,10 @@
 """Routed-expert kernels at DeepSeek-V3 width, against this machine's read bandwidth.
 
 One MoE layer's bank of `--experts` V3 routed experts (gate+up [4096, 7168], down [7168, 2048])
-in each format, called as the engine calls it (`QuantExpertBank.forward`), at T = 1, 2, 4, 8, 64
-tokens with top-8 routing, plus one expert alone at T = 1; with each of `--kernels`: localv3's
-own CPU kernels (all of these calls: at T = 64 each chosen expert gets 16 rows, under
-EXPERT_ROWS) and ggml's mul_mat_id graph.
+in each format, called as the engine calls it (`QuantExpertBank.forward`), at T = 1, 2, 4, 8, 64,
+256 tokens with top-8 routing (at 64 and 256 each chosen expert gets 16 and 64 rows: prompt
+chunks), plus one expert alone at T = 1; with each of `--kernels`: localv3's own CPU kernels (row
+kernels to 8 tokens, panels beyond where the CPU has AVX-512 VNNI) and ggml's mul_mat_id graph.
 Effective GB/s = bytes of the distinct experts the call reads / median time. The bandwidth probe
 is localv3.offload.hardware.measure_cpu (an fp32 matrix-vector product over 512 MiB). Experts differ
 from call to call and the bank is larger than the caches, so the weights stream from RAM.
@@ -34,7 +34,7 @@ from localv3.kernels import build
 from localv3.offload.hardware import measure_cpu
 
 DIM, HIDDEN, TOP_K = 7168, 2048, 8
-TOKEN_COUNTS = (1, 2, 4, 8, 64)
+TOKEN_COUNTS = (1, 2, 4, 8, 64, 256)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Row:
     ms: float  # median per call
     gb_s: float  # distinct expert bytes / median time
     of_probe: float  # gb_s / probe GB/s
+    gflop_s: float  # 2 * tokens * top-k * 3 * DIM * HIDDEN / median time (prompt chunks: compute-bound)
 
 
 def build_bank(scheme: str, n_experts: int) -> QuantExpertBank:
@@ -101,7 +102,8 @@ def measure(kernels: str, bank: QuantExpertBank, scheme: str, repeats: int, prob
         median, distinct = time_calls(bank, tokens, top_k, repeats, gen)
         gb_s = distinct * per_expert / median / 1e9
         label = f"{scheme} {'1 expert' if top_k == 1 else 'top-8'}"
-        rows.append(Row(kernels, label, tokens, distinct, median * 1e3, gb_s, gb_s / probe_gb_s))
+        gflop_s = 2 * tokens * top_k * 3 * DIM * HIDDEN / median / 1e9
+        rows.append(Row(kernels, label, tokens, distinct, median * 1e3, gb_s, gb_s / probe_gb_s, gflop_s))
         print(f"  {kernels} {label} T={tokens}: {median * 1e3:.2f} ms, {gb_s:.1f} GB/s", file=sys.stderr)
     return rows
 
@@ -124,10 +126,10 @@ def main() -> None:
         for kernels in args.kernels.split(","):
             rows += measure(kernels, bank, scheme, args.repeats, probe_gb_s)
     if not args.json:
-        print(f"| kernels | format | T | experts read | ms | GB/s | of probe ({probe_gb_s:.1f} GB/s) |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| kernels | format | T | experts read | ms | GB/s | of probe ({probe_gb_s:.1f} GB/s) | GFLOP/s |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r.kernels} | {r.format} | {r.tokens} | {r.experts_read:.1f} | {r.ms:.2f} | {r.gb_s:.1f} | {r.of_probe:.0%} |")
+            print(f"| {r.kernels} | {r.format} | {r.tokens} | {r.experts_read:.1f} | {r.ms:.2f} | {r.gb_s:.1f} | {r.of_probe:.0%} | {r.gflop_s:.0f} |")
     print(json.dumps({"threads": args.threads, "probe_gb_s": probe_gb_s, "rows": [asdict(r) for r in rows]}))
 
 

@@ -19,12 +19,13 @@ from localv3.formats import ggml
 from localv3.formats.table import BlockType
 from localv3.kernels.build import library
 
-# Rows up to which these kernels beat ggml's (benchmarks/expert_kernels.py): each weight row is
+# Rows up to which the row kernels beat ggml's (benchmarks/expert_kernels.py): each weight row is
 # read once and dotted with every activation row while it is in the L1 cache.
 DECODE_TOKENS = 8
-# Routed experts: the mean rows per chosen expert up to which ours beat ggml's mul_mat_id. On the
-# 2-core development machine (V3 experts, Q4_K, 2 threads): 16 rows 331 vs 544 ms, 32 rows 633
-# vs 650 ms, 64 rows 1311 vs 994 ms: ours stay at ~138 GFLOP/s while ggml's grow with the rows.
+# Routed experts of block types without panels: the mean rows per chosen expert up to which the
+# row kernels beat ggml's mul_mat_id. On the 2-core development machine (V3 experts, Q4_K, 2
+# threads, before panels): 16 rows 331 vs 544 ms, 32 rows 633 vs 650 ms, 64 rows 1311 vs 994 ms:
+# the row kernels stay at ~138 GFLOP/s while ggml's grow with the rows.
 EXPERT_ROWS = 32
 
 
