@@ -128,29 +128,19 @@ typedef struct {
     int32_t q[8][8][PANEL_TOKENS]; /* [slot][group][token]: 4 int8 values */
     int32_t bsum[4][PANEL_TOKENS]; /* [pair of sub-blocks][token]: the two sub-blocks' int16 sums */
     float d[PANEL_TOKENS];         /* [token] */
-} act_tile_q4_k;                   /* 2208 bytes */
+} act_tile_q4_k;                   /* 1656 bytes */
 
-/* act rows -> tiles [super-block][tile of PANEL_TOKENS tokens] */
-static void pack_act_q4_k(const uint8_t *act, size_t act_bytes, int tokens, int nb, act_tile_q4_k *tiles) {
-    const size_t count = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
-    for (int first = 0; first < tokens; first += PANEL_TOKENS) {
-        act_tile_q4_k *tile = tiles + first / PANEL_TOKENS;
-        for (size_t b = 0; b < (size_t)nb; b++)
-            for (int t = 0; t < PANEL_TOKENS; t++) {
-                if (first + t >= tokens) {
-                    for (int s = 0; s < 8; s++)
-                        for (int g = 0; g < 8; g++) tile[b * count].q[s][g][t] = 0;
-                    for (int i = 0; i < 4; i++) tile[b * count].bsum[i][t] = 0;
-                    tile[b * count].d[t] = 0.f;
-                    continue;
-                }
-                const act_256 *a = (const act_256 *)(act + (first + t) * act_bytes) + b;
-                for (int s = 0; s < 8; s++)
-                    for (int g = 0; g < 8; g++) tile[b * count].q[s][g][t] = load_int32(a->q + 32 * s + 4 * g);
-                for (int i = 0; i < 4; i++) memcpy(&tile[b * count].bsum[i][t], a->bsum + 2 * i, 4);
-                tile[b * count].d[t] = a->d;
-            }
+/* token t of a tile from its act_256 block (NULL: no such token, zeros) */
+static void pack_token_q4_k(const uint8_t *block, int t, uint8_t *tile_bytes) {
+    act_tile_q4_k *tile = (act_tile_q4_k *)tile_bytes;
+    const act_256 *a = (const act_256 *)block;
+    for (int s = 0; s < 8; s++)
+        for (int g = 0; g < 8; g++) tile->q[s][g][t] = a ? load_int32(a->q + 32 * s + 4 * g) : 0;
+    for (int i = 0; i < 4; i++) {
+        tile->bsum[i][t] = 0;
+        if (a) memcpy(&tile->bsum[i][t], a->bsum + 2 * i, 4);
     }
+    tile->d[t] = a ? a->d : 0.f;
 }
 
 /* one super-block of the panel times one tile's tokens, added to sums [token][half][row] */
@@ -229,24 +219,13 @@ static void pack_q8_0(const uint8_t *w, size_t row_bytes, int rows, int first, i
         }
 }
 
-/* act_32 rows -> tiles [block][tile of PANEL_TOKENS tokens] */
-static void pack_act_q8_0(const uint8_t *act, size_t act_bytes, int tokens, int nb, act_tile_q8_0 *tiles) {
-    const size_t count = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
-    for (int first = 0; first < tokens; first += PANEL_TOKENS) {
-        act_tile_q8_0 *tile = tiles + first / PANEL_TOKENS;
-        for (size_t b = 0; b < (size_t)nb; b++)
-            for (int t = 0; t < PANEL_TOKENS; t++) {
-                act_tile_q8_0 *out = tile + b * count;
-                if (first + t >= tokens) {
-                    for (int g = 0; g < 8; g++) out->q[g][t] = 0;
-                    out->excess[t] = 0, out->d[t] = 0.f;
-                    continue;
-                }
-                const act_32 *a = (const act_32 *)(act + (first + t) * act_bytes) + b;
-                for (int g = 0; g < 8; g++) out->q[g][t] = load_int32(a->q + 4 * g);
-                out->excess[t] = 128 * a->sum, out->d[t] = a->d;
-            }
-    }
+/* token t of a tile from its act_32 block (NULL: no such token, zeros) */
+static void pack_token_q8_0(const uint8_t *block, int t, uint8_t *tile_bytes) {
+    act_tile_q8_0 *tile = (act_tile_q8_0 *)tile_bytes;
+    const act_32 *a = (const act_32 *)block;
+    for (int g = 0; g < 8; g++) tile->q[g][t] = a ? load_int32(a->q + 4 * g) : 0;
+    tile->excess[t] = a ? 128 * a->sum : 0;
+    tile->d[t] = a ? a->d : 0.f;
 }
 
 /* `count` blocks of the panel times one tile's tokens (its blocks `stride` tiles apart), added
@@ -276,6 +255,19 @@ static void panel_q8_0_chunk(const panel_q8_0 *p, int count, const act_tile_q8_0
     for (int t = 0; t < PANEL_TOKENS; t++)
         for (int h = 0; h < 2; h++) _mm512_store_ps(sums[t][h], _mm512_add_ps(chunk[t][h], _mm512_load_ps(sums[t][h])));
 }
+
+/* activation rows (act_bytes apart, nb blocks of block_bytes each) -> tiles of PANEL_TOKENS
+ * tokens, [block][tile], tile_bytes each, one token at a time by `pack` */
+static void pack_activations(const uint8_t *act, size_t act_bytes, size_t block_bytes, int tokens, int nb, uint8_t *tiles,
+                             size_t tile_bytes, void (*pack)(const uint8_t *, int, uint8_t *)) {
+    const size_t count = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
+    for (size_t i = 0; i < count; i++)
+        for (size_t b = 0; b < (size_t)nb; b++)
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                const size_t token = i * PANEL_TOKENS + t;
+                pack(token < (size_t)tokens ? act + token * act_bytes + b * block_bytes : NULL, t, tiles + (b * count + i) * tile_bytes);
+            }
+}
 #endif
 
 int panel_takes(int type) { return LV3_PANELS && (type == TYPE_Q4_K || type == TYPE_Q8_0); }
@@ -291,8 +283,8 @@ int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb
     tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
     if (!act_tiles || !sums) return -2;
     if (packed->act != act || packed->tokens != tokens || packed->type != type) {
-        if (type == TYPE_Q4_K) pack_act_q4_k(act, act_bytes, tokens, nb, (act_tile_q4_k *)act_tiles);
-        else pack_act_q8_0(act, act_bytes, tokens, nb, (act_tile_q8_0 *)act_tiles);
+        if (type == TYPE_Q4_K) pack_activations(act, act_bytes, sizeof(act_256), tokens, nb, act_tiles, tile_bytes, pack_token_q4_k);
+        else pack_activations(act, act_bytes, sizeof(act_32), tokens, nb, act_tiles, tile_bytes, pack_token_q8_0);
         *packed = (panel_tokens){act, tokens, type};
     }
     memset(sums, 0, tiles * sizeof(tile_sums));
