@@ -100,7 +100,7 @@ def test_products_are_the_dequantised_weights_times_8_bit_activations(use, block
 @needs_build
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
-    "block_type,n", [(Q4_K, 256), (Q4_K, 1280), (Q6_K, 256), (Q8_0, 96), (Q8_0, 1280)], ids=lambda v: getattr(v, "name", v)
+    "block_type,n", [(Q4_K, 256), (Q4_K, 1280), (Q6_K, 256), (Q6_K, 1280), (Q8_0, 96), (Q8_0, 1280)], ids=lambda v: getattr(v, "name", v)
 )
 def test_prefill_products_are_the_same_formula(use, block_type, n, seed):
     """Prefill-sized products (more than DECODE_TOKENS rows) of the block types the panel kernels
@@ -169,17 +169,17 @@ def test_transposed_dequantisation_is_the_dequantised_weights_transposed(use, bl
 def test_calls_the_kernels_do_not_take_fall_back(use):
     """Prefill-sized products of block types without a panel kernel here, experts with many rows
     each in such types and block types without any kernel here are left to ggml (None)."""
-    for block_type in (Q4_K, Q6_K):
+    for block_type in (Q4_K, Q4_0):
         blocks, _ = quantised(torch.randn(4, 256), block_type)
         prefill = products.matmul(blocks, block_type, 256, torch.randn(products.DECODE_TOKENS + 1, 256))
         assert (prefill is None) == (not products.panels_take(block_type))
-    experts, _ = quantised(torch.randn(2, 256, 256), Q6_K)
+    experts, _ = quantised(torch.randn(2, 256, 256), Q4_0)
     tokens = products.EXPERT_ROWS + 1  # every token chooses both experts: EXPERT_ROWS + 1 rows each
     ids, weights = torch.tensor([[0, 1]] * tokens, dtype=torch.int32), torch.ones(tokens, 2)
-    assert products.swiglu_experts(experts, experts, Q6_K, experts, Q6_K, torch.randn(tokens, 256), ids, weights) is None
-    assert products.swiglu_experts(experts, experts, Q6_K, experts, Q6_K, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
+    assert products.swiglu_experts(experts, experts, Q4_0, experts, Q4_0, torch.randn(tokens, 256), ids, weights) is None
+    assert products.swiglu_experts(experts, experts, Q4_0, experts, Q4_0, torch.randn(tokens - 1, 256), ids[1:], weights[1:]) is not None
     assert not products.takes(GGUF_BLOCK_TYPES["iq4_xs"]) and products.takes(Q4_K, Q6_K, Q8_0, Q4_0)
-    assert products.dequantize_transposed(experts, Q6_K, 256) is None  # 32-value block types only
+    assert products.dequantize_transposed(quantised(torch.randn(2, 256, 256), Q4_K)[0], Q4_K, 256) is None  # 32-value types only
 
 
 @needs_build

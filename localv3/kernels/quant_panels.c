@@ -256,6 +256,115 @@ static void panel_q8_0_chunk(const panel_q8_0 *p, int count, const act_tile_q8_0
         for (int h = 0; h < 2; h++) _mm512_store_ps(sums[t][h], _mm512_add_ps(chunk[t][h], _mm512_load_ps(sums[t][h])));
 }
 
+/* ----- Q6_K ---------------------------------------------------------------------------------- */
+/* One Q6_K super-block of PANEL_ROWS rows: the unsigned 6-bit values q (the weight is
+ * d * scale * (q - 32)) in natural order, slot s holding values 32s..32s+31; the 32 * scale *
+ * (sum of the token's values) the offset adds is taken off per super-block with integer sums. */
+typedef struct {
+    uint8_t q[8][8][2][64];      /* [slot][group of 4 values][half][row * 4 + value] */
+    float scale[16][2][16];      /* [group of 16 values][half][row]: d * the group's scale */
+    int16_t excess[8][2][16][2]; /* [pair of 16-value groups][half][row][group in the pair]: their int8 scales */
+    float d32[2][16];            /* [half][row]: 32 * d */
+} panel_q6_k;                    /* 11392 bytes */
+
+typedef struct {
+    int32_t q[8][8][PANEL_TOKENS]; /* [slot][group][token]: 4 int8 values */
+    int32_t sum[8][PANEL_TOKENS];  /* [pair of 16-value groups][token]: their two int16 sums */
+    float d[PANEL_TOKENS];         /* [token] */
+} act_tile_q6_k;
+
+/* the 256 values of a Q6_K block (unsigned, 0-63) as 4 runs of 64, in natural order */
+static inline void q6_k_values(const block_q6_k *w, __m512i runs[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3);
+    __m256i q[8]; /* values 32k..32k+31 (see block_q6_k) */
+    for (int h = 0; h < 2; h++) {
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h)), hi = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+        const __m256i top = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+        for (int j = 0; j < 4; j++) {
+            const __m256i nibbles = j & 1 ? hi : lo;
+            const __m256i low = _mm256_and_si256(j & 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low4);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(top, 2 * j), low2);
+            q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+        }
+    }
+    for (int i = 0; i < 4; i++) runs[i] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * i]), q[2 * i + 1], 1);
+}
+
+/* super-block b of the rows at w (rows <= PANEL_ROWS, the others zeros) */
+static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_q6_k *p) {
+    for (int h = 0; h < 2; h++) {
+        __m512i values[4][16]; /* [64-value run][row] */
+        for (int r = 0; r < 16; r++) {
+            const int row = 16 * h + r;
+            const block_q6_k *block = row < rows ? (const block_q6_k *)(w + row * row_bytes) + b : NULL;
+            const float d = block ? half_to_float(block->d) : 0.f;
+            if (block) {
+                __m512i runs[4];
+                q6_k_values(block, runs);
+                for (int i = 0; i < 4; i++) values[i][r] = runs[i];
+            } else {
+                for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
+            }
+            for (int g = 0; g < 16; g++) {
+                const int8_t scale = block ? block->scales[g] : 0;
+                p->scale[g][h][r] = d * (float)scale;
+                p->excess[g / 2][h][r][g % 2] = scale;
+            }
+            p->d32[h][r] = 32.f * d;
+        }
+        for (int i = 0; i < 4; i++) {
+            transpose_16x16(values[i]);
+            for (int g = 0; g < 16; g++) _mm512_store_si512(p->q[2 * i + g / 8][g % 8][h], values[i][g]);
+        }
+    }
+}
+
+/* token t of a tile from its act_256 block, natural order (NULL: no such token, zeros) */
+static void pack_token_q6_k(const uint8_t *block, int t, uint8_t *tile_bytes) {
+    act_tile_q6_k *tile = (act_tile_q6_k *)tile_bytes;
+    const act_256 *a = (const act_256 *)block;
+    for (int s = 0; s < 8; s++)
+        for (int g = 0; g < 8; g++) tile->q[s][g][t] = a ? load_int32(a->q + 32 * s + 4 * g) : 0;
+    for (int i = 0; i < 8; i++) {
+        tile->sum[i][t] = 0;
+        if (a) memcpy(&tile->sum[i][t], a->bsum16 + 2 * i, 4);
+    }
+    tile->d[t] = a ? a->d : 0.f;
+}
+
+/* one super-block of the panel times one tile's tokens, added to sums [token][half][row] */
+static void panel_q6_k_block(const panel_q6_k *p, const act_tile_q6_k *a, float sums[PANEL_TOKENS][2][16]) {
+    __m512 block[PANEL_TOKENS][2];
+    for (int t = 0; t < PANEL_TOKENS; t++) block[t][0] = block[t][1] = _mm512_setzero_ps();
+    for (int group = 0; group < 16; group++) { /* 16 values: half a slot */
+        const int s = group / 2, first = 4 * (group % 2);
+        __m512i dot[PANEL_TOKENS][2];
+        for (int t = 0; t < PANEL_TOKENS; t++) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
+        for (int g = first; g < first + 4; g++) {
+            const __m512i low = _mm512_load_si512(p->q[s][g][0]), high = _mm512_load_si512(p->q[s][g][1]);
+            for (int t = 0; t < PANEL_TOKENS; t++) {
+                const __m512i x = _mm512_set1_epi32(a->q[s][g][t]);
+                dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], low, x);
+                dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], high, x);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 scale = _mm512_load_ps(p->scale[group][h]);
+            for (int t = 0; t < PANEL_TOKENS; t++) block[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t][h]), scale, block[t][h]);
+        }
+    }
+    /* minus 32 * d * (scales . the token's group sums), all times the token's scale */
+    for (int h = 0; h < 2; h++) {
+        const __m512 d32 = _mm512_load_ps(p->d32[h]);
+        for (int t = 0; t < PANEL_TOKENS; t++) {
+            __m512i excess = _mm512_setzero_si512();
+            for (int i = 0; i < 8; i++) excess = _mm512_dpwssd_epi32(excess, _mm512_load_si512(p->excess[i][h]), _mm512_set1_epi32(a->sum[i][t]));
+            const __m512 exact = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(excess), d32, block[t][h]);
+            _mm512_store_ps(sums[t][h], _mm512_fmadd_ps(exact, _mm512_set1_ps(a->d[t]), _mm512_load_ps(sums[t][h])));
+        }
+    }
+}
+
 /* activation rows (act_bytes apart, nb blocks of block_bytes each) -> tiles of PANEL_TOKENS
  * tokens, [block][tile], tile_bytes each, one token at a time by `pack` */
 static void pack_activations(const uint8_t *act, size_t act_bytes, size_t block_bytes, int tokens, int nb, uint8_t *tiles,
@@ -270,7 +379,7 @@ static void pack_activations(const uint8_t *act, size_t act_bytes, size_t block_
 }
 #endif
 
-int panel_takes(int type) { return LV3_PANELS && (type == TYPE_Q4_K || type == TYPE_Q8_0); }
+int panel_takes(int type) { return LV3_PANELS && (type == TYPE_Q4_K || type == TYPE_Q6_K || type == TYPE_Q8_0); }
 
 int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb, const uint8_t *act, size_t act_bytes,
                   int tokens, float *out, size_t out_stride, panel_tokens *packed) {
@@ -278,12 +387,13 @@ int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb
     if (!panel_takes(type)) return -1;
     typedef float tile_sums[PANEL_TOKENS][2][16];
     const size_t tiles = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
-    const size_t tile_bytes = type == TYPE_Q4_K ? sizeof(act_tile_q4_k) : sizeof(act_tile_q8_0);
+    const size_t tile_bytes = type == TYPE_Q4_K ? sizeof(act_tile_q4_k) : type == TYPE_Q6_K ? sizeof(act_tile_q6_k) : sizeof(act_tile_q8_0);
     uint8_t *act_tiles = grown(&tokens_memory, tiles * nb * tile_bytes);
     tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
     if (!act_tiles || !sums) return -2;
     if (packed->act != act || packed->tokens != tokens || packed->type != type) {
         if (type == TYPE_Q4_K) pack_activations(act, act_bytes, sizeof(act_256), tokens, nb, act_tiles, tile_bytes, pack_token_q4_k);
+        else if (type == TYPE_Q6_K) pack_activations(act, act_bytes, sizeof(act_256), tokens, nb, act_tiles, tile_bytes, pack_token_q6_k);
         else pack_activations(act, act_bytes, sizeof(act_32), tokens, nb, act_tiles, tile_bytes, pack_token_q8_0);
         *packed = (panel_tokens){act, tokens, type};
     }
@@ -294,6 +404,12 @@ int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb
         for (int b = 0; b < nb; b++) {
             pack_q4_k(w, row_bytes, rows, b, &panel);
             for (size_t i = 0; i < tiles; i++) panel_q4_k_block(&panel, (const act_tile_q4_k *)act_tiles + b * tiles + i, sums[i]);
+        }
+    } else if (type == TYPE_Q6_K) {
+        panel_q6_k panel __attribute__((aligned(64)));
+        for (int b = 0; b < nb; b++) {
+            pack_q6_k(w, row_bytes, rows, b, &panel);
+            for (size_t i = 0; i < tiles; i++) panel_q6_k_block(&panel, (const act_tile_q6_k *)act_tiles + b * tiles + i, sums[i]);
         }
     } else {
         panel_q8_0 panel[Q8_0_CHUNK] __attribute__((aligned(64)));
