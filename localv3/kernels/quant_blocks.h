@@ -62,6 +62,22 @@ static inline void q4_k_scales(const uint8_t *s, uint64_t *scales, uint64_t *min
     *mins = (uint64_t)(w1 & 0x3f3f3f3f) | ((uint64_t)mins_hi << 32);
 }
 
+/* the 256 values of a Q6_K block, unsigned (0-63: the weight is d * scale * (q - 32)), as 8
+ * runs of 32 in natural order */
+static inline void q6_k_values(const block_q6_k *w, __m256i q[8]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h)), hi = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+        const __m256i top = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+        for (int j = 0; j < 4; j++) {
+            const __m256i nibbles = j & 1 ? hi : lo;
+            const __m256i low = _mm256_and_si256(j & 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low4);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(top, 2 * j), low2);
+            q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+        }
+    }
+}
+
 /* ----- panels (quant_panels.c): many activation rows ---------------------------------------- */
 #define PANEL_ROWS 32 /* weight rows a panel holds: one per int32 lane of two 512-bit registers */
 
@@ -69,7 +85,7 @@ static inline void q4_k_scales(const uint8_t *s, uint64_t *scales, uint64_t *min
  * first, so that the rows are repacked for panels once per call, not once per panel */
 typedef struct { const uint8_t *act; int tokens, type; } panel_tokens;
 
-/* whether this build has a panel kernel for the block type (AVX-512 VNNI builds: Q4_K) */
+/* whether this build has a panel kernel for the block type (AVX-512 VNNI builds: Q4_K, Q6_K, Q8_0) */
 __attribute__((visibility("hidden"))) int panel_takes(int type);
 /* out[t * out_stride + r] = row r . activation row t for r < rows <= PANEL_ROWS, t < tokens: the
  * rows at w (row_bytes apart, nb blocks each) repacked into a panel once and used for every

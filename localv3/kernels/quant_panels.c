@@ -6,14 +6,16 @@
  * 32 bits). A panel spends one: PANEL_ROWS weight rows are repacked so that each 512-bit register
  * holds 4 consecutive values of 16 rows, and one VNNI instruction (vpdpbusd) multiplies them with
  * 4 values of one token broadcast to every lane and adds them to 16 int32 sums, one per row.
- * Block scales are applied per 32-value sub-block in float32. A panel is packed into a per-thread
- * buffer (it stays in L2) and serves every token, PANEL_TOKENS at a time, the two 16-row halves
- * sharing each broadcast (12 independent sums keep both VNNI ports busy).
+ * Block scales are applied in float32 per sub-block (32 values; Q6_K 16). A panel is packed one
+ * super-block at a time (into L1) and each packed block serves every token, PANEL_TOKENS at a
+ * time, from activations interleaved once per call; the two 16-row halves share each broadcast
+ * (12 independent sums keep both VNNI ports busy).
  *
  * The numbers are the row kernels' exactly: the same 8-bit activations, the same integer sums
  * per sub-block; only the float32 summation order differs.
  *
- * Panels need AVX-512 with VNNI; other builds take no panel types and keep the row kernels.
+ * Panels (Q4_K, Q6_K, Q8_0) need AVX-512 with VNNI; other builds take no panel types and keep
+ * the row kernels.
  */
 #include "quant_blocks.h"
 
@@ -41,15 +43,17 @@ static uint8_t *grown(growing *buffer, size_t bytes) {
 
 static __thread growing tokens_memory, sums_memory;
 
-/* One Q4_K super-block (256 values) of PANEL_ROWS rows, as two halves of 16 (one register
- * each). The values are in the activations' slot order (q4_k_order: the slot s of 32 values
- * holds sub-block q4_k_order[s]). */
+/* One super-block (256 values) of a K type (Q4_K, Q6_K) for PANEL_ROWS rows, as two halves of 16
+ * (one register each): the unsigned values in the activations' slot order (slot s holds 32
+ * values), a float32 scale per group of values (Q4_K: 8 groups of 32, Q6_K: 16 of 16), and the
+ * integer multipliers of the token's group sums that are taken off at the end (Q4_K: its mins,
+ * times dmin; Q6_K: its scales, times 32 * d, the offset of its values). */
 typedef struct {
-    uint8_t q[8][8][2][64];   /* [slot][group of 4 values][half][row * 4 + value]: unsigned 4-bit values */
-    float scale[8][2][16];    /* [slot][half][row]: d * the slot's sub-block scale */
-    int16_t min[4][2][16][2]; /* [pair of sub-blocks][half][row][sub-block in the pair]: the 6-bit mins */
-    float dmin[2][16];        /* [half][row] */
-} panel_q4_k;                 /* 9856 bytes, a multiple of 64 */
+    uint8_t q[8][8][2][64];      /* [slot][group of 4 values][half][row * 4 + value] */
+    float scale[16][2][16];      /* [scale group][half][row] */
+    int16_t offset[8][2][16][2]; /* [pair of scale groups][half][row][group in the pair] */
+    float offset_scale[2][16];   /* [half][row] */
+} panel_k;                       /* 11392 bytes */
 
 /* 16 registers of 16 int32 each, as a 16 x 16 matrix, transposed in place */
 static inline void transpose_16x16(__m512i m[16]) {
@@ -77,7 +81,7 @@ static inline void transpose_16x16(__m512i m[16]) {
 }
 
 /* super-block b of the rows at w (row_bytes apart; rows <= PANEL_ROWS, the others zeros) */
-static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_q4_k *p) {
+static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_k *p) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     {
         for (int h = 0; h < 2; h++) {
@@ -86,8 +90,8 @@ static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
                 const int row = 16 * h + r;
                 if (row >= rows) { /* a missing row: zero values and scales */
                     for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
-                    for (int s = 0; s < 8; s++) p->scale[s][h][r] = 0.f, p->min[s / 2][h][r][s % 2] = 0;
-                    p->dmin[h][r] = 0.f;
+                    for (int s = 0; s < 8; s++) p->scale[s][h][r] = 0.f, p->offset[s / 2][h][r][s % 2] = 0;
+                    p->offset_scale[h][r] = 0.f;
                     continue;
                 }
                 const block_q4_k *block = (const block_q4_k *)(w + row * row_bytes) + b;
@@ -96,9 +100,9 @@ static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
                 const float d = half_to_float(block->d);
                 for (int s = 0; s < 8; s++) {
                     p->scale[s][h][r] = d * (float)((sc >> (8 * q4_k_order[s])) & 0xff);
-                    p->min[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
+                    p->offset[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
                 }
-                p->dmin[h][r] = half_to_float(block->dmin);
+                p->offset_scale[h][r] = half_to_float(block->dmin);
                 const __m512i q0 = _mm512_loadu_si512(block->qs), q1 = _mm512_loadu_si512(block->qs + 64);
                 values[0][r] = _mm512_and_si512(q0, low4);
                 values[1][r] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
@@ -122,35 +126,45 @@ static inline int32_t load_int32(const int8_t *p) {
 }
 
 /* The activations of PANEL_TOKENS tokens for one super-block, interleaved for the panel kernel:
- * each 4-value group of every token next to the same group of the others (one 32-byte run),
+ * each 4-value group of every token next to the same group of the others (one 24-byte run),
  * so that the kernel reads every broadcast from one pointer. Missing tokens are zeros. */
 typedef struct {
     int32_t q[8][8][PANEL_TOKENS]; /* [slot][group][token]: 4 int8 values */
-    int32_t bsum[4][PANEL_TOKENS]; /* [pair of sub-blocks][token]: the two sub-blocks' int16 sums */
+    int32_t sum[8][PANEL_TOKENS];  /* [pair of scale groups][token]: their two int16 sums of values */
     float d[PANEL_TOKENS];         /* [token] */
-} act_tile_q4_k;                   /* 1656 bytes */
+} act_tile_k;                      /* 1752 bytes */
 
-/* token t of a tile from its act_256 block (NULL: no such token, zeros) */
-static void pack_token_q4_k(const uint8_t *block, int t, uint8_t *tile_bytes) {
-    act_tile_q4_k *tile = (act_tile_q4_k *)tile_bytes;
+/* token t of a tile from its act_256 block (NULL: no such token, zeros), with `pairs` pairs of
+ * group sums from `sums` */
+static void pack_token_k(const int16_t *sums, int pairs, const uint8_t *block, int t, uint8_t *tile_bytes) {
+    act_tile_k *tile = (act_tile_k *)tile_bytes;
     const act_256 *a = (const act_256 *)block;
     for (int s = 0; s < 8; s++)
         for (int g = 0; g < 8; g++) tile->q[s][g][t] = a ? load_int32(a->q + 32 * s + 4 * g) : 0;
-    for (int i = 0; i < 4; i++) {
-        tile->bsum[i][t] = 0;
-        if (a) memcpy(&tile->bsum[i][t], a->bsum + 2 * i, 4);
+    for (int i = 0; i < pairs; i++) {
+        tile->sum[i][t] = 0;
+        if (a) memcpy(&tile->sum[i][t], sums + 2 * i, 4);
     }
     tile->d[t] = a ? a->d : 0.f;
 }
 
-/* one super-block of the panel times one tile's tokens, added to sums [token][half][row] */
-static void panel_q4_k_block(const panel_q4_k *p, const act_tile_q4_k *a, float sums[PANEL_TOKENS][2][16]) {
+/* Q4_K: the pairs of 32-value sums (for the mins) */
+static void pack_token_q4_k(const uint8_t *block, int t, uint8_t *tile_bytes) {
+    pack_token_k(block ? ((const act_256 *)block)->bsum : NULL, 4, block, t, tile_bytes);
+}
+
+/* one super-block of the panel times one tile's tokens, added to sums [token][half][row]: `groups`
+ * scale groups (8 or 16), `pairs` pairs of group sums to take off (4 or 8) */
+static inline __attribute__((always_inline)) void panel_k_block(const panel_k *p, const act_tile_k *a, int groups, int pairs,
+                                                               float sums[PANEL_TOKENS][2][16]) {
+    const int size = 64 / groups; /* 4-value groups in a scale group */
     __m512 block[PANEL_TOKENS][2];
     for (int t = 0; t < PANEL_TOKENS; t++) block[t][0] = block[t][1] = _mm512_setzero_ps();
-    for (int s = 0; s < 8; s++) {
+    for (int group = 0; group < groups; group++) {
+        const int s = group * size / 8, first = group * size % 8;
         __m512i dot[PANEL_TOKENS][2];
         for (int t = 0; t < PANEL_TOKENS; t++) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
-        for (int g = 0; g < 8; g++) {
+        for (int g = first; g < first + size; g++) {
             const __m512i low = _mm512_load_si512(p->q[s][g][0]), high = _mm512_load_si512(p->q[s][g][1]);
             for (int t = 0; t < PANEL_TOKENS; t++) {
                 const __m512i x = _mm512_set1_epi32(a->q[s][g][t]);
@@ -159,21 +173,25 @@ static void panel_q4_k_block(const panel_q4_k *p, const act_tile_q4_k *a, float 
             }
         }
         for (int h = 0; h < 2; h++) {
-            const __m512 scale = _mm512_load_ps(p->scale[s][h]);
+            const __m512 scale = _mm512_load_ps(p->scale[group][h]);
             for (int t = 0; t < PANEL_TOKENS; t++) block[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t][h]), scale, block[t][h]);
         }
     }
-    /* minus dmin * (mins . the token's sub-block sums), all times the token's scale */
+    /* minus offset_scale * (offsets . the token's group sums), all times the token's scale */
     for (int h = 0; h < 2; h++) {
-        const __m512 dmin = _mm512_load_ps(p->dmin[h]);
+        const __m512 offset_scale = _mm512_load_ps(p->offset_scale[h]);
         for (int t = 0; t < PANEL_TOKENS; t++) {
-            __m512i mins = _mm512_setzero_si512();
-            for (int i = 0; i < 4; i++) mins = _mm512_dpwssd_epi32(mins, _mm512_load_si512(p->min[i][h]), _mm512_set1_epi32(a->bsum[i][t]));
-            const __m512 scaled = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), dmin, block[t][h]);
-            _mm512_store_ps(sums[t][h], _mm512_fmadd_ps(scaled, _mm512_set1_ps(a->d[t]), _mm512_load_ps(sums[t][h])));
+            __m512i offset = _mm512_setzero_si512();
+            for (int i = 0; i < pairs; i++) offset = _mm512_dpwssd_epi32(offset, _mm512_load_si512(p->offset[i][h]), _mm512_set1_epi32(a->sum[i][t]));
+            const __m512 exact = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offset), offset_scale, block[t][h]);
+            _mm512_store_ps(sums[t][h], _mm512_fmadd_ps(exact, _mm512_set1_ps(a->d[t]), _mm512_load_ps(sums[t][h])));
         }
     }
 }
+
+/* each type's own copy, compiled for its constants */
+static void panel_q4_k_block(const panel_k *p, const act_tile_k *a, float sums[PANEL_TOKENS][2][16]) { panel_k_block(p, a, 8, 4, sums); }
+static void panel_q6_k_block(const panel_k *p, const act_tile_k *a, float sums[PANEL_TOKENS][2][16]) { panel_k_block(p, a, 16, 8, sums); }
 
 /* ----- Q8_0 ---------------------------------------------------------------------------------- */
 #define Q8_0_CHUNK 8 /* blocks of 32 values packed at once (as a Q4_K super-block: 256 values) */
@@ -257,41 +275,8 @@ static void panel_q8_0_chunk(const panel_q8_0 *p, int count, const act_tile_q8_0
 }
 
 /* ----- Q6_K ---------------------------------------------------------------------------------- */
-/* One Q6_K super-block of PANEL_ROWS rows: the unsigned 6-bit values q (the weight is
- * d * scale * (q - 32)) in natural order, slot s holding values 32s..32s+31; the 32 * scale *
- * (sum of the token's values) the offset adds is taken off per super-block with integer sums. */
-typedef struct {
-    uint8_t q[8][8][2][64];      /* [slot][group of 4 values][half][row * 4 + value] */
-    float scale[16][2][16];      /* [group of 16 values][half][row]: d * the group's scale */
-    int16_t excess[8][2][16][2]; /* [pair of 16-value groups][half][row][group in the pair]: their int8 scales */
-    float d32[2][16];            /* [half][row]: 32 * d */
-} panel_q6_k;                    /* 11392 bytes */
-
-typedef struct {
-    int32_t q[8][8][PANEL_TOKENS]; /* [slot][group][token]: 4 int8 values */
-    int32_t sum[8][PANEL_TOKENS];  /* [pair of 16-value groups][token]: their two int16 sums */
-    float d[PANEL_TOKENS];         /* [token] */
-} act_tile_q6_k;
-
-/* the 256 values of a Q6_K block (unsigned, 0-63) as 4 runs of 64, in natural order */
-static inline void q6_k_values(const block_q6_k *w, __m512i runs[4]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3);
-    __m256i q[8]; /* values 32k..32k+31 (see block_q6_k) */
-    for (int h = 0; h < 2; h++) {
-        const __m256i lo = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h)), hi = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
-        const __m256i top = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
-        for (int j = 0; j < 4; j++) {
-            const __m256i nibbles = j & 1 ? hi : lo;
-            const __m256i low = _mm256_and_si256(j & 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low4);
-            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(top, 2 * j), low2);
-            q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-        }
-    }
-    for (int i = 0; i < 4; i++) runs[i] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * i]), q[2 * i + 1], 1);
-}
-
 /* super-block b of the rows at w (rows <= PANEL_ROWS, the others zeros) */
-static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_q6_k *p) {
+static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_k *p) {
     for (int h = 0; h < 2; h++) {
         __m512i values[4][16]; /* [64-value run][row] */
         for (int r = 0; r < 16; r++) {
@@ -299,18 +284,18 @@ static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
             const block_q6_k *block = row < rows ? (const block_q6_k *)(w + row * row_bytes) + b : NULL;
             const float d = block ? half_to_float(block->d) : 0.f;
             if (block) {
-                __m512i runs[4];
+                __m256i runs[8];
                 q6_k_values(block, runs);
-                for (int i = 0; i < 4; i++) values[i][r] = runs[i];
+                for (int i = 0; i < 4; i++) values[i][r] = _mm512_inserti64x4(_mm512_castsi256_si512(runs[2 * i]), runs[2 * i + 1], 1);
             } else {
                 for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
             }
             for (int g = 0; g < 16; g++) {
                 const int8_t scale = block ? block->scales[g] : 0;
                 p->scale[g][h][r] = d * (float)scale;
-                p->excess[g / 2][h][r][g % 2] = scale;
+                p->offset[g / 2][h][r][g % 2] = scale;
             }
-            p->d32[h][r] = 32.f * d;
+            p->offset_scale[h][r] = 32.f * d;
         }
         for (int i = 0; i < 4; i++) {
             transpose_16x16(values[i]);
@@ -319,50 +304,9 @@ static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
     }
 }
 
-/* token t of a tile from its act_256 block, natural order (NULL: no such token, zeros) */
+/* Q6_K: the pairs of 16-value sums (for the offset of 32) */
 static void pack_token_q6_k(const uint8_t *block, int t, uint8_t *tile_bytes) {
-    act_tile_q6_k *tile = (act_tile_q6_k *)tile_bytes;
-    const act_256 *a = (const act_256 *)block;
-    for (int s = 0; s < 8; s++)
-        for (int g = 0; g < 8; g++) tile->q[s][g][t] = a ? load_int32(a->q + 32 * s + 4 * g) : 0;
-    for (int i = 0; i < 8; i++) {
-        tile->sum[i][t] = 0;
-        if (a) memcpy(&tile->sum[i][t], a->bsum16 + 2 * i, 4);
-    }
-    tile->d[t] = a ? a->d : 0.f;
-}
-
-/* one super-block of the panel times one tile's tokens, added to sums [token][half][row] */
-static void panel_q6_k_block(const panel_q6_k *p, const act_tile_q6_k *a, float sums[PANEL_TOKENS][2][16]) {
-    __m512 block[PANEL_TOKENS][2];
-    for (int t = 0; t < PANEL_TOKENS; t++) block[t][0] = block[t][1] = _mm512_setzero_ps();
-    for (int group = 0; group < 16; group++) { /* 16 values: half a slot */
-        const int s = group / 2, first = 4 * (group % 2);
-        __m512i dot[PANEL_TOKENS][2];
-        for (int t = 0; t < PANEL_TOKENS; t++) dot[t][0] = dot[t][1] = _mm512_setzero_si512();
-        for (int g = first; g < first + 4; g++) {
-            const __m512i low = _mm512_load_si512(p->q[s][g][0]), high = _mm512_load_si512(p->q[s][g][1]);
-            for (int t = 0; t < PANEL_TOKENS; t++) {
-                const __m512i x = _mm512_set1_epi32(a->q[s][g][t]);
-                dot[t][0] = _mm512_dpbusd_epi32(dot[t][0], low, x);
-                dot[t][1] = _mm512_dpbusd_epi32(dot[t][1], high, x);
-            }
-        }
-        for (int h = 0; h < 2; h++) {
-            const __m512 scale = _mm512_load_ps(p->scale[group][h]);
-            for (int t = 0; t < PANEL_TOKENS; t++) block[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t][h]), scale, block[t][h]);
-        }
-    }
-    /* minus 32 * d * (scales . the token's group sums), all times the token's scale */
-    for (int h = 0; h < 2; h++) {
-        const __m512 d32 = _mm512_load_ps(p->d32[h]);
-        for (int t = 0; t < PANEL_TOKENS; t++) {
-            __m512i excess = _mm512_setzero_si512();
-            for (int i = 0; i < 8; i++) excess = _mm512_dpwssd_epi32(excess, _mm512_load_si512(p->excess[i][h]), _mm512_set1_epi32(a->sum[i][t]));
-            const __m512 exact = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(excess), d32, block[t][h]);
-            _mm512_store_ps(sums[t][h], _mm512_fmadd_ps(exact, _mm512_set1_ps(a->d[t]), _mm512_load_ps(sums[t][h])));
-        }
-    }
+    pack_token_k(block ? ((const act_256 *)block)->bsum16 : NULL, 8, block, t, tile_bytes);
 }
 
 /* activation rows (act_bytes apart, nb blocks of block_bytes each) -> tiles of PANEL_TOKENS
@@ -387,7 +331,7 @@ int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb
     if (!panel_takes(type)) return -1;
     typedef float tile_sums[PANEL_TOKENS][2][16];
     const size_t tiles = (size_t)(tokens + PANEL_TOKENS - 1) / PANEL_TOKENS;
-    const size_t tile_bytes = type == TYPE_Q4_K ? sizeof(act_tile_q4_k) : type == TYPE_Q6_K ? sizeof(act_tile_q6_k) : sizeof(act_tile_q8_0);
+    const size_t tile_bytes = type == TYPE_Q8_0 ? sizeof(act_tile_q8_0) : sizeof(act_tile_k);
     uint8_t *act_tiles = grown(&tokens_memory, tiles * nb * tile_bytes);
     tile_sums *sums = (tile_sums *)grown(&sums_memory, tiles * sizeof(tile_sums));
     if (!act_tiles || !sums) return -2;
@@ -399,17 +343,16 @@ int panel_product(int type, const uint8_t *w, size_t row_bytes, int rows, int nb
     }
     memset(sums, 0, tiles * sizeof(tile_sums));
     /* a few blocks at a time: packed (into L1) and used for every token tile */
-    if (type == TYPE_Q4_K) {
-        panel_q4_k panel __attribute__((aligned(64)));
+    if (type == TYPE_Q4_K || type == TYPE_Q6_K) {
+        panel_k panel __attribute__((aligned(64)));
+        const act_tile_k *k_tiles = (const act_tile_k *)act_tiles;
         for (int b = 0; b < nb; b++) {
-            pack_q4_k(w, row_bytes, rows, b, &panel);
-            for (size_t i = 0; i < tiles; i++) panel_q4_k_block(&panel, (const act_tile_q4_k *)act_tiles + b * tiles + i, sums[i]);
-        }
-    } else if (type == TYPE_Q6_K) {
-        panel_q6_k panel __attribute__((aligned(64)));
-        for (int b = 0; b < nb; b++) {
-            pack_q6_k(w, row_bytes, rows, b, &panel);
-            for (size_t i = 0; i < tiles; i++) panel_q6_k_block(&panel, (const act_tile_q6_k *)act_tiles + b * tiles + i, sums[i]);
+            if (type == TYPE_Q4_K) pack_q4_k(w, row_bytes, rows, b, &panel);
+            else pack_q6_k(w, row_bytes, rows, b, &panel);
+            for (size_t i = 0; i < tiles; i++) {
+                if (type == TYPE_Q4_K) panel_q4_k_block(&panel, k_tiles + b * tiles + i, sums[i]);
+                else panel_q6_k_block(&panel, k_tiles + b * tiles + i, sums[i]);
+            }
         }
     } else {
         panel_q8_0 panel[Q8_0_CHUNK] __attribute__((aligned(64)));

@@ -231,25 +231,14 @@ ROW_KERNEL row_32_tokens(int type, const uint8_t *row, const uint8_t *act, size_
 
 /* ----- Q6_K (256-bit code in both builds) --------------------------------------------------- */
 ROW_KERNEL row_q6_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_bytes, int tokens, int nb, float *out, size_t out_stride) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f), low2 = _mm256_set1_epi8(3);
     __m256 sums[TILE_TOKENS];
     for (int t = 0; t < tokens; t++) sums[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const block_q6_k *w = (const block_q6_k *)row + b;
         prefetch_lines((const uint8_t *)w, 4);
         __m256i q[8], scale[8]; /* the 8 runs of 32 weights (unsigned 6-bit), their two scales as int16 lanes */
-        for (int h = 0; h < 2; h++) {
-            const __m256i lo = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h)), hi = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
-            const __m256i top = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
-            for (int j = 0; j < 4; j++) {
-                const __m256i nibbles = j & 1 ? hi : lo;
-                const __m256i low = _mm256_and_si256(j & 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low4);
-                const __m256i high = _mm256_and_si256(_mm256_srli_epi16(top, 2 * j), low2);
-                q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
-                const int8_t *sc = w->scales + 8 * h + 2 * j;
-                scale[4 * h + j] = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
-            }
-        }
+        q6_k_values(w, q);
+        for (int k = 0; k < 8; k++) scale[k] = _mm256_set_m128i(_mm_set1_epi16(w->scales[2 * k + 1]), _mm_set1_epi16(w->scales[2 * k]));
         const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));
         const float d = half_to_float(w->d);
         for (int t = 0; t < tokens; t++) {
