@@ -80,42 +80,45 @@ static inline void transpose_16x16(__m512i m[16]) {
     for (int i = 0; i < 16; i++) m[i] = t[i];
 }
 
+/* values [run of 64][row] of the 16 rows of half h, runs 0-3 holding slots 0-1, 2-3, 4-5, 6-7,
+ * -> p->q: transposed, register g of run i is group g % 8 of slot 2i + g / 8 for the 16 rows */
+static void store_half(__m512i values[4][16], panel_k *p, int h) {
+    for (int i = 0; i < 4; i++) {
+        transpose_16x16(values[i]);
+        for (int g = 0; g < 16; g++) _mm512_store_si512(p->q[2 * i + g / 8][g % 8][h], values[i][g]);
+    }
+}
+
 /* super-block b of the rows at w (row_bytes apart; rows <= PANEL_ROWS, the others zeros) */
 static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_k *p) {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
-    {
-        for (int h = 0; h < 2; h++) {
-            __m512i values[4][16]; /* [64-byte run][row]: runs 0-3 are slots 0-1, 2-3, 4-5, 6-7 */
-            for (int r = 0; r < 16; r++) {
-                const int row = 16 * h + r;
-                if (row >= rows) { /* a missing row: zero values and scales */
-                    for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
-                    for (int s = 0; s < 8; s++) p->scale[s][h][r] = 0.f, p->offset[s / 2][h][r][s % 2] = 0;
-                    p->offset_scale[h][r] = 0.f;
-                    continue;
-                }
-                const block_q4_k *block = (const block_q4_k *)(w + row * row_bytes) + b;
-                uint64_t sc, mn;
-                q4_k_scales(block->scales, &sc, &mn);
-                const float d = half_to_float(block->d);
-                for (int s = 0; s < 8; s++) {
-                    p->scale[s][h][r] = d * (float)((sc >> (8 * q4_k_order[s])) & 0xff);
-                    p->offset[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
-                }
-                p->offset_scale[h][r] = half_to_float(block->dmin);
-                const __m512i q0 = _mm512_loadu_si512(block->qs), q1 = _mm512_loadu_si512(block->qs + 64);
-                values[0][r] = _mm512_and_si512(q0, low4);
-                values[1][r] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
-                values[2][r] = _mm512_and_si512(q1, low4);
-                values[3][r] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4);
+    for (int h = 0; h < 2; h++) {
+        __m512i values[4][16];
+        for (int r = 0; r < 16; r++) {
+            const int row = 16 * h + r;
+            if (row >= rows) { /* a missing row: zero values and scales */
+                for (int i = 0; i < 4; i++) values[i][r] = _mm512_setzero_si512();
+                for (int s = 0; s < 8; s++) p->scale[s][h][r] = 0.f, p->offset[s / 2][h][r][s % 2] = 0;
+                p->offset_scale[h][r] = 0.f;
+                continue;
             }
-            /* run i holds dword g of slot 2i + g / 8 in lane g of each row: transposed, register g
-               is group g % 8 of slot 2i + g / 8 for the 16 rows, i.e. p->q[2i + g / 8][g % 8][h] */
-            for (int i = 0; i < 4; i++) {
-                transpose_16x16(values[i]);
-                for (int g = 0; g < 16; g++) _mm512_store_si512(p->q[2 * i + g / 8][g % 8][h], values[i][g]);
+            const block_q4_k *block = (const block_q4_k *)(w + row * row_bytes) + b;
+            uint64_t sc, mn;
+            q4_k_scales(block->scales, &sc, &mn);
+            const float d = half_to_float(block->d);
+            for (int s = 0; s < 8; s++) {
+                p->scale[s][h][r] = d * (float)((sc >> (8 * q4_k_order[s])) & 0xff);
+                p->offset[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
             }
+            p->offset_scale[h][r] = half_to_float(block->dmin);
+            /* a 64-byte load of nibbles: low ones slots 2i, 2i + 1, high ones the next two */
+            const __m512i q0 = _mm512_loadu_si512(block->qs), q1 = _mm512_loadu_si512(block->qs + 64);
+            values[0][r] = _mm512_and_si512(q0, low4);
+            values[1][r] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
+            values[2][r] = _mm512_and_si512(q1, low4);
+            values[3][r] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4);
         }
+        store_half(values, p, h);
     }
 }
 
@@ -278,7 +281,7 @@ static void panel_q8_0_chunk(const panel_q8_0 *p, int count, const act_tile_q8_0
 /* super-block b of the rows at w (rows <= PANEL_ROWS, the others zeros) */
 static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_k *p) {
     for (int h = 0; h < 2; h++) {
-        __m512i values[4][16]; /* [64-value run][row] */
+        __m512i values[4][16];
         for (int r = 0; r < 16; r++) {
             const int row = 16 * h + r;
             const block_q6_k *block = row < rows ? (const block_q6_k *)(w + row * row_bytes) + b : NULL;
@@ -297,10 +300,7 @@ static void pack_q6_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
             }
             p->offset_scale[h][r] = 32.f * d;
         }
-        for (int i = 0; i < 4; i++) {
-            transpose_16x16(values[i]);
-            for (int g = 0; g < 16; g++) _mm512_store_si512(p->q[2 * i + g / 8][g % 8][h], values[i][g]);
-        }
+        store_half(values, p, h);
     }
 }
 
