@@ -31,7 +31,6 @@ _SIGNATURES = {  # name -> (result, arguments)
     "lv3_supports": (I, [I]),
     "lv3_avx512": (I, []),
     "lv3_panel_takes": (I, [I]),
-    "lv3_panel_min_tokens": (I, []),
     "lv3_matmul": (I, [I, P, SIZE, L, I, P, SIZE, I, P, SIZE, I, I]),
     "lv3_swiglu_experts": (I, [I, P, P, SIZE, I, P, SIZE, I, I, P, I, P, P, I, P, I]),
     "lv3_dequantize_transposed": (I, [I, P, L, L, I, P, I]),

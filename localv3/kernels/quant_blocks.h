@@ -62,6 +62,17 @@ static inline void q4_k_scales(const uint8_t *s, uint64_t *scales, uint64_t *min
     *mins = (uint64_t)(w1 & 0x3f3f3f3f) | ((uint64_t)mins_hi << 32);
 }
 
+#if LV3_AVX512
+/* the 256 values of a Q4_K block (unsigned 4-bit) as 4 runs of 64: the low then high nibbles of
+ * qs[0:64], then of qs[64:128], i.e. slots (q4_k_order) 0-1, 2-3, 4-5, 6-7 */
+static inline void q4_k_nibbles(const block_q4_k *w, __m512i runs[4]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i q0 = _mm512_loadu_si512(w->qs), q1 = _mm512_loadu_si512(w->qs + 64);
+    runs[0] = _mm512_and_si512(q0, low4), runs[1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
+    runs[2] = _mm512_and_si512(q1, low4), runs[3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4);
+}
+#endif
+
 /* the 256 values of a Q6_K block, unsigned (0-63: the weight is d * scale * (q - 32)), as 8
  * runs of 32 in natural order */
 static inline void q6_k_values(const block_q6_k *w, __m256i q[8]) {
@@ -76,6 +87,19 @@ static inline void q6_k_values(const block_q6_k *w, __m256i q[8]) {
             q[4 * h + j] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
         }
     }
+}
+
+/* a per-thread buffer that only grows: no allocation per call once warm */
+typedef struct { uint8_t *memory; size_t size; } growing;
+
+static inline uint8_t *grown(growing *buffer, size_t bytes) {
+    if (bytes > buffer->size) {
+        free(buffer->memory);
+        buffer->size = 0;
+        if (posix_memalign((void **)&buffer->memory, 64, bytes)) return buffer->memory = NULL;
+        buffer->size = bytes;
+    }
+    return buffer->memory;
 }
 
 /* ----- panels (quant_panels.c): many activation rows ---------------------------------------- */

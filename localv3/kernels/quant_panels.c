@@ -28,19 +28,6 @@
 #define PANEL_TOKENS 6 /* activation rows at once: with two halves, 12 int32 and 12 float32 accumulators */
 
 #if LV3_PANELS
-/* a per-thread buffer that only grows */
-typedef struct { uint8_t *memory; size_t size; } growing;
-
-static uint8_t *grown(growing *buffer, size_t bytes) {
-    if (bytes > buffer->size) {
-        free(buffer->memory);
-        buffer->size = 0;
-        if (posix_memalign((void **)&buffer->memory, 64, bytes)) return buffer->memory = NULL;
-        buffer->size = bytes;
-    }
-    return buffer->memory;
-}
-
 static __thread growing tokens_memory, sums_memory;
 
 /* One super-block (256 values) of a K type (Q4_K, Q6_K) for PANEL_ROWS rows, as two halves of 16
@@ -91,7 +78,6 @@ static void store_half(__m512i values[4][16], panel_k *p, int h) {
 
 /* super-block b of the rows at w (row_bytes apart; rows <= PANEL_ROWS, the others zeros) */
 static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel_k *p) {
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
     for (int h = 0; h < 2; h++) {
         __m512i values[4][16];
         for (int r = 0; r < 16; r++) {
@@ -111,12 +97,9 @@ static void pack_q4_k(const uint8_t *w, size_t row_bytes, int rows, int b, panel
                 p->offset[s / 2][h][r][s % 2] = (int16_t)((mn >> (8 * s)) & 0xff);
             }
             p->offset_scale[h][r] = half_to_float(block->dmin);
-            /* a 64-byte load of nibbles: low ones slots 2i, 2i + 1, high ones the next two */
-            const __m512i q0 = _mm512_loadu_si512(block->qs), q1 = _mm512_loadu_si512(block->qs + 64);
-            values[0][r] = _mm512_and_si512(q0, low4);
-            values[1][r] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4);
-            values[2][r] = _mm512_and_si512(q1, low4);
-            values[3][r] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4);
+            __m512i runs[4];
+            q4_k_nibbles(block, runs);
+            for (int i = 0; i < 4; i++) values[i][r] = runs[i];
         }
         store_half(values, p, h);
     }

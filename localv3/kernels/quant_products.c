@@ -96,7 +96,6 @@ ROW_KERNEL row_q4_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_by
     __m128 mins[TILE_TOKENS]; /* per token: 4 lanes of dmin * da * (mins . sub-block sums) */
     for (int t = 0; t < tokens; t++) mins[t] = _mm_setzero_ps();
 #if LV3_AVX512
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
     /* int16 scales per 128-bit quarter: quarters 0-1 take one sub-block's scale, 2-3 another's */
     const __m512i pick[4] = {
         _mm512_set_epi64(0x0504050405040504, 0x0504050405040504, 0x0504050405040504, 0x0504050405040504,
@@ -117,9 +116,8 @@ ROW_KERNEL row_q4_k_tokens(const uint8_t *row, const uint8_t *act, size_t act_by
         q4_k_scales(w->scales, &sc, &mn);
         const __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
-        const __m512i q0 = _mm512_loadu_si512(w->qs), q1 = _mm512_loadu_si512(w->qs + 64);
-        const __m512i nib[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
-                                _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
+        __m512i nib[4];
+        q4_k_nibbles(w, nib);
         const __m512i scale[4] = {_mm512_shuffle_epi8(sc16, pick[0]), _mm512_shuffle_epi8(sc16, pick[1]),
                                   _mm512_shuffle_epi8(sc16, pick[2]), _mm512_shuffle_epi8(sc16, pick[3])};
         const float d = half_to_float(w->d), dmin = half_to_float(w->dmin);
@@ -321,20 +319,11 @@ static void tile_product(int type, const uint8_t *w, size_t row_bytes, int rows,
 static int tile_rows(long rows, long first) { return rows - first < PANEL_ROWS ? (int)(rows - first) : PANEL_ROWS; }
 
 /* A per-thread scratch buffer that only grows: no allocation per call once warm. */
-static __thread uint8_t *scratch_memory;
-static __thread size_t scratch_size;
+static __thread growing scratch_memory;
 
 static size_t align64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
-static uint8_t *scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch_memory);
-        scratch_size = 0;
-        if (posix_memalign((void **)&scratch_memory, 64, bytes)) return scratch_memory = NULL;
-        scratch_size = bytes;
-    }
-    return scratch_memory;
-}
+static uint8_t *scratch(size_t bytes) { return grown(&scratch_memory, bytes); }
 
 /* ----- entry points ----------------------------------------------------------------------- */
 static int by_expert(const void *a, const void *b, void *ids) {
@@ -351,8 +340,6 @@ int lv3_avx512(void) { return LV3_AVX512; }
 
 /* whether products of this type with PANEL_MIN_TOKENS or more activation rows run as panels */
 int lv3_panel_takes(int type) { return panel_takes(type); }
-
-int lv3_panel_min_tokens(void) { return PANEL_MIN_TOKENS; }
 
 /* For each of `groups` groups g: out_g [tokens, rows] = x_g [tokens, n] . W_g [rows, n]^T, where
  * W_g is at w + g * w_group_bytes, x_g at x + g * x_group_floats, out_g at out + g * out_group_floats.
